@@ -1,0 +1,78 @@
+"""Input checks shared by the public functions: each raises TypeError/ValueError naming the argument,
+what was expected and what came."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+#: Floating dtypes the public ops accept: the kernels' three, and float64 (runs the reference).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(fn: str, name: str, t, *, ndims: Sequence[int] = (), dtypes=FLOAT_DTYPES,
+                 legend: str = "") -> Tensor:
+    """``t`` is a Tensor with one of ``ndims`` (any if empty) and one of ``dtypes``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndims and t.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{fn}: {name} must be {want}{' ' + legend if legend else ''}, "
+                         f"got shape {tuple(t.shape)}")
+    if dtypes and t.dtype not in dtypes:
+        raise TypeError(f"{fn}: {name} must have dtype {_dtype_names(dtypes)}, got {t.dtype}")
+    return t
+
+
+def check_same(fn: str, first: Tuple[str, Tensor], *others: Tuple[str, Optional[Tensor]],
+               dtype: bool = True) -> None:
+    """The named tensors share ``first``'s device (and dtype, unless ``dtype=False``)."""
+    name0, t0 = first
+    for name, t in others:
+        if t is None:
+            continue
+        if t.device != t0.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {name0} is on {t0.device}; "
+                             "move them to the same device")
+        if dtype and t.dtype != t0.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {name0} has {t0.dtype}; "
+                            "they must match")
+
+
+def check_shape(fn: str, name: str, t: Optional[Tensor], expected: Sequence[Tuple[int, ...]]) -> None:
+    """``t`` (if given) has one of the ``expected`` shapes."""
+    if t is None:
+        return
+    if tuple(t.shape) not in [tuple(e) for e in expected]:
+        want = " or ".join(str(tuple(e)) for e in expected)
+        raise ValueError(f"{fn}: {name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def check_probability(fn: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float in [0, 1), got {type(p).__name__}")
+    if not (0.0 <= p < 1.0):  # also rejects NaN
+        raise ValueError(f"{fn}: {name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def check_scale(fn: str, scale) -> Optional[float]:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_choice(fn: str, name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {tuple(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""attn_fast benchmarks: ``python -m bench`` (``make bench``)."""

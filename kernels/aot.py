@@ -1,0 +1,238 @@
+"""Ahead-of-time compilation of the kernels for sm_80 and sm_90 without a GPU, and the static profile
+it yields (DESIGN.md section 2): shared memory against the device limit, registers and spills from
+ptxas, and whether Hopper's warpgroup MMA (wgmma) is used.
+
+Each kernel module lists the configurations its launcher or autotuner may pick as ``AOT_CASES``
+(a list of :class:`AOTCase`) and is named in ``attn_fast.kernels.KERNEL_MODULES``.
+
+Compiling needs real ``@triton.jit`` functions, which Triton's interpreter replaces, so the compile
+runs in a child process with the interpreter off::
+
+    python -m attn_fast.kernels.aot [--module MOD ...] [--cap 80 90] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["AOTCase", "StaticProfile", "SHARED_LIMIT", "compile_case", "collect_cases", "profile_in_subprocess"]
+
+#: Largest dynamic shared memory one block may use, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+#: Shared memory per SM (bytes), registers per SM, and resident threads per SM.
+SHARED_PER_SM = {80: 167936, 90: 233472}
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
+
+
+@dataclass(frozen=True)
+class AOTCase:
+    """One compile configuration of one kernel.
+
+    ``signature`` maps every non-constexpr argument to its Triton type ("*fp16", "i32", "fp32"...),
+    ``constexprs`` gives the value of every constexpr argument. ``uses_dot``: the inner loop is a
+    ``tl.dot``, so on sm_90 wgmma is expected (unless ``expect_wgmma=False`` says why not).
+    """
+
+    name: str
+    fn: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    uses_dot: bool = False
+    expect_wgmma: Optional[bool] = None
+
+    @property
+    def wants_wgmma(self) -> bool:
+        return self.uses_dot if self.expect_wgmma is None else self.expect_wgmma
+
+
+@dataclass
+class StaticProfile:
+    """What a kernel config will do on an SM of compute capability ``cap``."""
+
+    name: str
+    cap: int
+    num_warps: int
+    num_stages: int
+    shared: int = 0
+    shared_limit: int = 0
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    wgmma: bool = False
+    wants_wgmma: bool = False
+    error: str = ""
+    blocks_per_sm: int = 0
+    warps_per_sm: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and self.shared <= self.shared_limit
+
+    def problems(self) -> List[str]:
+        """Why this config must not be used (empty if it is fine)."""
+        out = []
+        if self.error:
+            out.append(f"compile failed: {self.error}")
+            return out
+        if self.shared > self.shared_limit:
+            out.append(f"shared memory {self.shared} B > sm_{self.cap} limit {self.shared_limit} B")
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills: {self.spill_stores} B stores, {self.spill_loads} B loads")
+        if self.cap >= 90 and self.wants_wgmma and not self.wgmma:
+            out.append("inner tl.dot does not use wgmma on sm_90")
+        return out
+
+
+def _ptxas_path(cap: int) -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        tool = nv.get_ptxas(cap)
+    except TypeError:  # older triton: get_ptxas() takes no argument
+        tool = nv.get_ptxas()
+    path = getattr(tool, "path", tool)
+    if isinstance(path, str) and os.path.exists(path):
+        return path
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_usage(ptx: str, cap: int) -> Dict[str, int]:
+    arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_ptxas_path(cap), f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[-500:]}")
+
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+    }
+
+
+def _occupancy(p: StaticProfile) -> None:
+    threads = 32 * p.num_warps
+    limits = [THREADS_PER_SM // threads, MAX_BLOCKS_PER_SM]
+    if p.registers:
+        regs_per_warp = -(-p.registers * 32 // 256) * 256  # allocated per warp in units of 256
+        limits.append(REGISTERS_PER_SM // (regs_per_warp * p.num_warps))
+    if p.shared:
+        limits.append(SHARED_PER_SM[p.cap] // (p.shared + 1024))  # 1 KiB reserved per block
+    p.blocks_per_sm = max(0, min(limits))
+    p.warps_per_sm = p.blocks_per_sm * p.num_warps
+
+
+def compile_case(case: AOTCase, cap: int) -> StaticProfile:
+    """Compile ``case`` for sm_<cap> and measure it. Needs the interpreter off."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    prof = StaticProfile(case.name, cap, case.num_warps, case.num_stages, shared_limit=SHARED_LIMIT[cap],
+                         wants_wgmma=case.wants_wgmma)
+    signature = dict(case.signature)
+    for name in case.constexprs:
+        signature.setdefault(name, "constexpr")
+    try:
+        src = ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs))
+        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        ptx = compiled.asm["ptx"]
+        prof.shared = int(compiled.metadata.shared)
+        prof.wgmma = "wgmma.mma_async" in ptx
+        usage = _ptxas_usage(ptx, cap)
+    except Exception as exc:  # reported as a problem of this config, not a crash of the whole run
+        prof.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        return prof
+    prof.registers = usage["registers"]
+    prof.spill_stores = usage["spill_stores"]
+    prof.spill_loads = usage["spill_loads"]
+    _occupancy(prof)
+    return prof
+
+
+def collect_cases(modules: Optional[Sequence[str]] = None) -> List[AOTCase]:
+    """Every ``AOT_CASES`` entry of the given modules (default: all of ``KERNEL_MODULES``)."""
+    if modules is None:
+        from . import KERNEL_MODULES
+
+        modules = [f"{__package__}.{m}" for m in KERNEL_MODULES]
+    cases: List[AOTCase] = []
+    for mod in modules:
+        cases.extend(importlib.import_module(mod).AOT_CASES)
+    return cases
+
+
+def profile_in_subprocess(modules: Optional[Sequence[str]] = None, caps: Sequence[int] = (80, 90),
+                          cwd: Optional[str] = None, timeout: float = 1800) -> List[Dict[str, Any]]:
+    """Run the AOT compile in a child process with the interpreter off; returns one dict per
+    (case, cap), the fields of :class:`StaticProfile` plus ``problems``."""
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"
+    cmd = [sys.executable, "-m", f"{__package__}.aot", "--json", "--cap", *map(str, caps)]
+    for mod in modules or ():
+        cmd += ["--module", mod]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile run failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown table of static profiles (kernel, config, shared, registers, spills, wgmma, occupancy)."""
+    head = ("| kernel config | sm | warps | stages | shared B | regs/thread | spills B | wgmma | "
+            "blocks/SM | warps/SM | problems |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        wg = "yes" if r["wgmma"] else ("no (wanted)" if r["wants_wgmma"] and r["cap"] >= 90 else "no")
+        lines.append(
+            f"| {r['name']} | {r['cap']} | {r['num_warps']} | {r['num_stages']} | {r['shared']} | "
+            f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {wg} | {r['blocks_per_sm']} | "
+            f"{r['warps_per_sm']} | {'; '.join(r['problems']) or '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="AOT-compile the kernels for sm_80/sm_90 and profile them")
+    parser.add_argument("--module", action="append", help="module with AOT_CASES (default: all kernels)")
+    parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    args = parser.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"
+    rows = []
+    for case in collect_cases(args.module):
+        for cap in args.cap:
+            prof = compile_case(case, cap)
+            row = asdict(prof)
+            row["problems"] = prof.problems()
+            rows.append(row)
+    print(json.dumps(rows) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Ahead-of-time compile of every kernel configuration for sm_80 and sm_90 (DESIGN.md section 2):
+each must compile, fit the shared-memory limit, spill no registers and, where the inner loop is a
+tl.dot, use wgmma on sm_90. No GPU needed; the compile runs in a child process with the interpreter
+off (kernels/aot.py)."""
+import os
+
+import pytest
+
+from attn_fast.kernels import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def kernel_profiles():
+    """Static profiles of every AOT_CASES entry of the library's kernel modules."""
+    return aot.profile_in_subprocess(caps=CAPS, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def probe_profiles():
+    """Static profiles of tests/aot_probe.py: kernels with known properties that check the harness."""
+    rows = aot.profile_in_subprocess(["tests.aot_probe"], caps=CAPS, cwd=ROOT)
+    return {(r["name"], r["cap"]): r for r in rows}
+
+
+def _library_case_ids():
+    """(kernel config, cap) ids, collected here without compiling anything."""
+    try:
+        cases = aot.collect_cases()
+    except Exception as exc:  # an import error shows as a failing test below, not a collection crash
+        return [f"collect-error:{exc}"]
+    return [f"{c.name}@sm_{cap}" for c in cases for cap in CAPS]
+
+
+@pytest.mark.parametrize("case_id", _library_case_ids())
+def test_kernel_config_compiles_and_fits(case_id, kernel_profiles):
+    assert not case_id.startswith("collect-error"), case_id
+    name, cap = case_id.rsplit("@sm_", 1)
+    (row,) = [r for r in kernel_profiles if r["name"] == name and r["cap"] == int(cap)]
+    assert not row["problems"], f"{case_id}: {row['problems']}"
+
+
+def test_every_kernel_module_lists_its_configs():
+    """Each module named in KERNEL_MODULES has AOT_CASES with unique names."""
+    from attn_fast import kernels
+
+    cases = aot.collect_cases()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)), "duplicate AOT case names"
+    for mod in kernels.KERNEL_MODULES:
+        assert any(c.fn.__module__.endswith(mod) for c in cases), f"{mod} has no AOT_CASES"
+
+
+def test_harness_sees_wgmma_in_a_hopper_matmul(probe_profiles):
+    sm90 = probe_profiles[("probe_matmul[128x128x64,w8,s3]", 90)]
+    sm80 = probe_profiles[("probe_matmul[128x128x64,w8,s3]", 80)]
+    assert sm90["wgmma"] and not sm80["wgmma"]
+    assert sm90["problems"] == [] and sm80["problems"] == []
+    assert 0 < sm90["shared"] <= aot.SHARED_LIMIT[90]
+    assert 0 < sm90["registers"] <= 255 and sm90["blocks_per_sm"] >= 1
+
+
+def test_harness_reports_registers_and_occupancy(probe_profiles):
+    for cap in CAPS:
+        row = probe_profiles[("probe_copy[1024,w4]", cap)]
+        assert not row["wgmma"] and row["problems"] == []
+        assert 0 < row["registers"] < 64
+        assert row["warps_per_sm"] == row["blocks_per_sm"] * 4 > 0
+
+
+def test_harness_flags_a_missing_wgmma(probe_profiles):
+    row = probe_profiles[("probe_copy[1024,w4,claims-dot]", 90)]
+    assert any("wgmma" in p for p in row["problems"])
+    assert probe_profiles[("probe_copy[1024,w4,claims-dot]", 80)]["problems"] == []
+
+
+def test_problems_flag_shared_memory_and_spills():
+    over = aot.StaticProfile("x", 90, 4, 2, shared=aot.SHARED_LIMIT[90] + 1, shared_limit=aot.SHARED_LIMIT[90])
+    assert any("shared memory" in p for p in over.problems())
+    spill = aot.StaticProfile("x", 80, 4, 2, shared=1024, shared_limit=aot.SHARED_LIMIT[80], spill_stores=8)
+    assert any("spills" in p for p in spill.problems())
+    broken = aot.StaticProfile("x", 80, 4, 2, error="CompilationError: boom")
+    assert broken.problems() == ["compile failed: CompilationError: boom"]
