@@ -208,6 +208,7 @@ def cbam(
     check_shape(fn, "fc1_bias", fc1_bias, [(cr,)])
     check_shape(fn, "fc2_bias", fc2_bias, [(c,)])
     check_tensor(fn, "conv_weight", conv_weight, ndims=(4,), legend="(1, 2, k, k)")
+    _check_bool(fn, "light", light)
     maps = 1 if light else 2
     k = conv_weight.shape[-1]
     if tuple(conv_weight.shape) != (1, maps, k, k) or k % 2 == 0:
@@ -233,7 +234,6 @@ def cbam(
     check_choice(fn, "gate", gate, tuple(GATES))
     if channel_gate is not None:
         check_choice(fn, "channel_gate", channel_gate, tuple(GATES))
-    _check_bool(fn, "light", light)
     _check_bool(fn, "bn_training", bn_training)
     check_choice(fn, "spatial_order", spatial_order, SPATIAL_ORDERS)
     return ops.cbam.cbam(
