@@ -183,7 +183,7 @@ def cbam(
     bn_running_mean: Optional[Tensor] = None,
     bn_running_var: Optional[Tensor] = None,
     bn_training: bool = False,
-    bn_momentum: Optional[float] = 0.1,
+    bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
 ) -> Tensor:
     r"""Fused CBAM: channel attention then spatial attention (see ``attn_fast.reference.cbam``).
@@ -221,6 +221,9 @@ def cbam(
         if t is not None:
             check_tensor(fn, name, t, dtypes=FLOAT_DTYPES)
             check_shape(fn, name, t, [(1,)])
+    if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum <= 1.0:
+        raise ValueError(f"{fn}: bn_momentum must be a float in [0, 1] (BatchNorm's momentum=None is not "
+                         f"supported), got {bn_momentum!r}")
     if (bn_running_mean is None) != (bn_running_var is None):
         raise ValueError(f"{fn}: give both bn_running_mean and bn_running_var, or neither")
     if bn_running_mean is None and bn_weight is not None and not bn_training:

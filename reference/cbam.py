@@ -39,7 +39,7 @@ def cbam(
     bn_running_mean: Optional[Tensor] = None,
     bn_running_var: Optional[Tensor] = None,
     bn_training: bool = False,
-    bn_momentum: Optional[float] = 0.1,
+    bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
 ) -> Tensor:
     r"""y = x1 * sa(x1), x1 = x * ca(x).
@@ -55,14 +55,16 @@ def cbam(
     Variants:
       * timm ``CbamModule``: the defaults (no MLP biases, BatchNorm after the conv).
       * timm ``LightCbamModule`` (``light=True``): one MLP over 0.5*avg + 0.5*max with a sigmoid
-        channel gate, and a 1 -> 1 channel conv over 0.5*mean_c + 0.5*max_c.
+        channel gate, and a 1 -> 1 channel conv over 0.5*mean_c + 0.5*max_c (timm applies a sigmoid
+        spatial gate there whatever its ``gate_layer``: keep ``gate="sigmoid"`` to mirror it).
       * the paper's module: MLP biases, ``spatial_order="max_mean"``, BatchNorm with momentum 0.01.
     ``gate`` is the spatial gate and, unless ``channel_gate`` is given, the channel gate too (timm
     uses one ``gate_layer`` for both; its light variant always uses sigmoid for the channel gate).
 
     BatchNorm of the spatial conv output (one channel) runs when ``bn_running_mean`` or
     ``bn_weight`` is given: ``bn_training=True`` normalises with batch statistics and updates the
-    running statistics in place, as ``nn.BatchNorm2d`` does in training mode.
+    running statistics in place, as ``nn.BatchNorm2d`` does in training mode, with factor
+    ``bn_momentum`` (BatchNorm's ``momentum=None``, a cumulative average, is not supported).
     """
     act = activation_fn(activation)
     w1, w2 = _as_matrix(fc1_weight), _as_matrix(fc2_weight)

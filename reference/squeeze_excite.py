@@ -57,7 +57,8 @@ def squeeze_excite(
     its ``add_maxpool``; ``norm`` for its optional norm layer between fc1 and the activation, called
     on an (N, Cr, 1, 1) tensor), timm's EfficientNet/MobileNetV3 ``SqueezeExcite``, and timm
     ``EffectiveSEModule``: a single fc (``fc2_weight=None``, fc1 is then (C, C)) with
-    ``gate="hardsigmoid"``.
+    ``gate="hardsigmoid"``; with a single fc there is no hidden layer, so ``activation`` and ``norm``
+    do not apply.
     """
     z = channel_pool(x, pool)
     h = F.linear(z, _as_matrix(fc1_weight), fc1_bias)
@@ -76,6 +77,8 @@ def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "
     ``EcaModule``.
     """
     k = conv_weight.numel()
+    if k % 2 == 0:
+        raise ValueError(f"efficient_channel_attention: the conv kernel size must be odd, got {k}")
     z = x.mean(dim=(2, 3)).unsqueeze(1)  # (N, 1, C)
     s = F.conv1d(z, conv_weight.reshape(1, 1, k), padding=(k - 1) // 2).squeeze(1)
     return x * gate_fn(gate)(s)[:, :, None, None]

@@ -191,6 +191,7 @@ CBAM_BAD = [
     ("bn eval no stats", dict(bn_weight=rand(1)), ValueError, "eval mode"),
     ("bn shape", dict(bn_running_mean=rand(2), bn_running_var=rand(2)), ValueError, "bn_running_mean must have shape"),
     ("spatial order", dict(spatial_order="avg_max"), ValueError, "spatial_order must be one of"),
+    ("bn momentum None", dict(bn_momentum=None), ValueError, "bn_momentum must be a float"),
     ("light not bool", dict(light="yes"), TypeError, "light must be a bool"),
 ]
 
