@@ -25,7 +25,7 @@ ENV_VAR = "ATTN_FAST_BACKEND"
 #: Every public op, and whether a Triton kernel is wired behind it. A kernel issue flips its entry when
 #: the op's Triton path is reachable from the public API.
 OPS: Dict[str, bool] = {
-    "scaled_dot_product_attention": False,
+    "scaled_dot_product_attention": True,
     "squeeze_excite": False,
     "cbam": False,
 }

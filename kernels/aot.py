@@ -23,7 +23,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["AOTCase", "StaticProfile", "SHARED_LIMIT", "compile_case", "collect_cases", "profile_in_subprocess"]
+__all__ = ["AOTCase", "StaticProfile", "SHARED_LIMIT", "compile_case", "collect_cases", "profile_in_subprocess",
+           "signature_of"]
 
 #: Largest dynamic shared memory one block may use, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -32,6 +33,26 @@ SHARED_PER_SM = {80: 167936, 90: 233472}
 REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
+
+
+def signature_of(fn: Any, pointers: Dict[str, str], floats: Sequence[str] = ()) -> Dict[str, str]:
+    """The Triton signature of kernel ``fn``'s runtime arguments: ``pointers`` maps pointer arguments
+    to their types ("*fp16"...), ``floats`` are fp32 scalars, every other non-constexpr argument is
+    an i32 (sizes, strides). Works on jitted and interpreted kernels alike."""
+    import inspect
+
+    import triton.language as tl
+
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    sig = {}
+    for p in params:
+        if p.annotation is tl.constexpr or p.annotation == "tl.constexpr":
+            continue
+        sig[p.name] = pointers.get(p.name) or ("fp32" if p.name in floats else "i32")
+    unknown = (set(pointers) | set(floats)) - set(sig)
+    if unknown:
+        raise ValueError(f"{getattr(fn, '__name__', fn)} has no runtime arguments {sorted(unknown)}")
+    return sig
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,9 @@ class AOTCase:
     num_stages: int = 3
     uses_dot: bool = False
     expect_wgmma: Optional[bool] = None
+    #: compiled by every ``make test``; the rest only with --runslow (the full matrix takes ~10 s a
+    #: compile on 2 cores). A kernel marks at least its heaviest variant of every tile config core.
+    core: bool = True
 
     @property
     def wants_wgmma(self) -> bool:
@@ -175,8 +199,9 @@ def compile_case(case: AOTCase, cap: int) -> StaticProfile:
     return prof
 
 
-def collect_cases(modules: Optional[Sequence[str]] = None) -> List[AOTCase]:
-    """Every ``AOT_CASES`` entry of the given modules (default: all of ``KERNEL_MODULES``)."""
+def collect_cases(modules: Optional[Sequence[str]] = None, core_only: bool = False) -> List[AOTCase]:
+    """Every ``AOT_CASES`` entry of the given modules (default: all of ``KERNEL_MODULES``); only the
+    core ones with ``core_only``."""
     if modules is None:
         from . import KERNEL_MODULES
 
@@ -184,11 +209,12 @@ def collect_cases(modules: Optional[Sequence[str]] = None) -> List[AOTCase]:
     cases: List[AOTCase] = []
     for mod in modules:
         cases.extend(importlib.import_module(mod).AOT_CASES)
-    return cases
+    return [c for c in cases if c.core or not core_only]
 
 
 def profile_in_subprocess(modules: Optional[Sequence[str]] = None, caps: Sequence[int] = (80, 90),
-                          cwd: Optional[str] = None, timeout: float = 1800) -> List[Dict[str, Any]]:
+                          cwd: Optional[str] = None, timeout: float = 3600,
+                          core_only: bool = False) -> List[Dict[str, Any]]:
     """Run the AOT compile in a child process with the interpreter off; returns one dict per
     (case, cap), the fields of :class:`StaticProfile` plus ``problems``."""
     env = dict(os.environ)
@@ -196,6 +222,8 @@ def profile_in_subprocess(modules: Optional[Sequence[str]] = None, caps: Sequenc
     cmd = [sys.executable, "-m", f"{__package__}.aot", "--json", "--cap", *map(str, caps)]
     for mod in modules or ():
         cmd += ["--module", mod]
+    if core_only:
+        cmd.append("--core")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"AOT compile run failed ({res.returncode}):\n{res.stderr[-4000:]}")
@@ -221,17 +249,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--module", action="append", help="module with AOT_CASES (default: all kernels)")
     parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.add_argument("--core", action="store_true", help="only the cases marked core")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"
-    rows = []
-    for case in collect_cases(args.module):
-        for cap in args.cap:
-            prof = compile_case(case, cap)
-            row = asdict(prof)
-            row["problems"] = prof.problems()
-            rows.append(row)
+    jobs = [(i, cap) for i in range(len(collect_cases(args.module, args.core))) for cap in args.cap]
+    rows: List[Dict[str, Any]] = []
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for n, row in enumerate(pool.map(_compile_job, [(args.module, args.core, i, cap) for i, cap in jobs])):
+                rows.append(row)
+                _progress(n + 1, len(jobs), row)
+    else:
+        for n, (i, cap) in enumerate(jobs):
+            rows.append(_compile_job((args.module, args.core, i, cap)))
+            _progress(n + 1, len(jobs), rows[-1])
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
+
+
+def _compile_job(job) -> Dict[str, Any]:
+    modules, core_only, index, cap = job
+    prof = compile_case(collect_cases(modules, core_only)[index], cap)
+    row = asdict(prof)
+    row["problems"] = prof.problems()
+    return row
+
+
+def _progress(done: int, total: int, row: Dict[str, Any]) -> None:
+    print(f"[{done}/{total}] {row['name']} sm_{row['cap']}: {'; '.join(row['problems']) or 'ok'}",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

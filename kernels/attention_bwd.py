@@ -1,0 +1,304 @@
+"""Fused attention backward (FlashAttention-2 style): recompute the probabilities from the saved
+log-sum-exp, never materialising the Lq x Lk matrix.
+
+Three kernels: delta = rowsum(dO * O); dK/dV, one program per key block looping over query blocks
+(and over the query heads that share a kv head under GQA); dQ, one program per query block
+looping over key blocks. dQ gets its own pass instead of atomics so that every gradient is
+written exactly once by one program: results are deterministic and need no fp32 scratch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AOTCase, signature_of
+from .attention_fwd import (
+    _LOG2E, BOOL_MASK, FLOAT_MASK, INTERPRETER_CONFIG, LOG2E, NO_MASK, aot_matrix, dtype_class, head_class,
+    aot_core, interpreting, pad_head, wgmma_expected)
+
+
+# One program computes delta = rowsum(dO * O) for BLOCK_M rows of one (batch, head): reads the
+# BLOCK_M x Ev tiles of O and dO once, writes BLOCK_M fp32 values.
+@triton.jit
+def _attn_bwd_delta(
+    Out, DO, Delta,                   # Out, DO (B, H, Lq, Ev) any strides; Delta (B * H, Lq) fp32
+    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    H, Lq,
+    HEAD_DIM_V: tl.constexpr, PAD_EV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_z = off_bh // H
+    off_h = off_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, PAD_EV)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM_V)
+    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _scores(q, kT, mask_ptrs, rows, cols, Lq, Lk, qk_scale, causal_offset,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores of a (rows x cols) tile in log2 units, -inf where masked out."""
+    s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    keep = (rows[:, None] < Lq) & (cols[None, :] < Lk)
+    if IS_CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
+    if MASK_KIND == 1:
+        keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * _LOG2E
+    return tl.where(keep, s, float("-inf"))
+
+
+# One program computes dK and dV for BLOCK_N key rows of one (batch, kv head): for each of the GROUP
+# query heads sharing the kv head, it streams query blocks from the causal diagonal down, recomputing
+# P = exp2(S - lse) and accumulating dV += P^T dO and dK += dS^T Q (fp32).
+# Memory traffic: K, V tiles once; per query block visited, Q, dO, lse, delta (and the mask tile);
+# dK, dV written once.
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV,   # DK like K, DV like V (contiguous); Lse, Delta (B*Hq, Lq)
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_dz, stride_dh, stride_dm, stride_dk,   # dO
+    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
+    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+    H, HK, GROUP, Lq, Lk, qk_scale, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
+    start_n = tl.program_id(0)
+    off_bhk = tl.program_id(1).to(tl.int64)
+    off_z = off_bhk // HK
+    off_hk = off_bhk % HK
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, PAD_E)
+    offs_dv = tl.arange(0, PAD_EV)
+    n_valid = cols < Lk
+
+    # K^T and V^T tiles: (PAD_E, BLOCK_N) and (PAD_EV, BLOCK_N)
+    kT = tl.load(K + off_z * stride_kz + off_hk * stride_kh + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                 mask=n_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    vT = tl.load(V + off_z * stride_vz + off_hk * stride_vh + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vk,
+                 mask=n_valid[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+        vT = vT.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, PAD_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, PAD_EV], dtype=tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:
+        # query rows above the first visible one (i >= j - causal_offset) see none of these keys
+        lo = tl.maximum(0, start_n * BLOCK_N - causal_offset) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        off_bh = off_z * H + off_h
+        q_base = Q + off_z * stride_qz + off_h * stride_qh
+        do_base = DO + off_z * stride_dz + off_h * stride_dh
+        m_base = Mask + off_z * stride_mz + off_h * stride_mh
+        for start_m in range(lo, Lq, BLOCK_M):
+            rows = start_m + offs_m
+            m_valid = rows < Lq
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                        mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dk,
+                         mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(Lse + off_bh * Lq + rows, mask=m_valid, other=0.0)  # log2 units
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
+            delta = tl.load(Delta + off_bh * Lq + rows, mask=m_valid, other=0.0)
+            s = _scores(q, kT, m_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn, rows, cols,
+                        Lq, Lk, qk_scale, causal_offset, IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+            p = tl.math.exp2(s - lse[:, None])                       # (BLOCK_M, BLOCK_N)
+            p_op = p if DOT_F32 else p.to(do.dtype)
+            dv += tl.dot(tl.trans(p_op), do, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)      # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            ds_op = ds if DOT_F32 else ds.to(q.dtype)
+            dk += tl.dot(tl.trans(ds_op), q, input_precision=INPUT_PRECISION)
+    dk = dk * sm_scale
+    keep_k = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    keep_v = n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    tl.store(DK + off_z * stride_dkz + off_hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
+             dk.to(DK.dtype.element_ty), mask=keep_k)
+    tl.store(DV + off_z * stride_dvz + off_hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk,
+             dv.to(DV.dtype.element_ty), mask=keep_v)
+
+
+# One program computes dQ for BLOCK_M query rows of one (batch, query head): streams key blocks up to
+# the causal diagonal, recomputing P and dS = P * (dO V^T - delta), accumulating dQ += dS K (fp32).
+# Memory traffic: Q, dO tiles, lse and delta once; K, V (and the mask tile) per key block; dQ once.
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, DO, Lse, Delta, DQ,       # DQ like Q (contiguous)
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    stride_dqz, stride_dqh, stride_dqm, stride_dqk,
+    H, GROUP, Lq, Lk, qk_scale, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_z = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, PAD_E)
+    offs_dv = tl.arange(0, PAD_EV)
+    m_valid = rows < Lq
+
+    q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dk,
+                 mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + off_bh * Lq + rows, mask=m_valid, other=0.0)  # log2 units
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + off_bh * Lq + rows, mask=m_valid, other=0.0)
+    k_base = K + off_z * stride_kz + off_hk * stride_kh
+    v_base = V + off_z * stride_vz + off_hk * stride_vh
+    m_base = Mask + off_z * stride_mz + off_h * stride_mh + rows[:, None] * stride_mm
+    dq = tl.zeros([BLOCK_M, PAD_E], dtype=tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, tl.maximum(0, (start_m + 1) * BLOCK_M + causal_offset))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < Lk
+        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                     mask=n_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vT = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vk,
+                     mask=n_valid[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = _scores(q, kT, m_base + cols[None, :] * stride_mn, rows, cols, Lq, Lk, qk_scale, causal_offset,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        ds_op = ds if DOT_F32 else ds.to(kT.dtype)
+        dq += tl.dot(ds_op, tl.trans(kT), input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
+             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+#: dK/dV tiles (BLOCK_M query rows streamed, BLOCK_N key rows owned, warps, stages) and dQ tiles,
+#: by dtype class and padded head size; as FWD_CONFIGS, picked from the static profile: no spills in
+#: the causal float-mask variant on sm_90, wgmma for 16-bit dots whose M is 64 or more (the dK/dV dots
+#: have M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row tiles (mma.sync, no wgmma):
+#: its two fp32 accumulators spill otherwise. Not yet tuned on a GPU (issue 9).
+DKDV_CONFIGS = {
+    "16bit": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
+    "fp32": {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
+DQ_CONFIGS = {
+    "16bit": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 1)},
+    "fp32": {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
+#: Rows per program and warps of the delta pass (16 x 256 tiles over 8 warps: wider ones spilled).
+DELTA_BLOCK_M = 16
+DELTA_WARPS = 8
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
+                  causal_offset: int, allow_tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of attention_fwd's output given dO; same shapes as q, k, v (contiguous).
+    ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units; ``mask`` as in attention_fwd."""
+    b, h, lq, e = q.shape
+    hk, lk, ev = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    if lq == 0 or lk == 0 or b * h == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    pad_e, pad_ev = pad_head(e), pad_head(ev)
+    if interpreting():
+        cfg_kv = cfg_q = INTERPRETER_CONFIG
+        delta_m = INTERPRETER_CONFIG[0]
+    else:
+        cls, col = dtype_class(q.dtype), head_class(pad_e, pad_ev)
+        cfg_kv, cfg_q, delta_m = DKDV_CONFIGS[cls][col], DQ_CONFIGS[cls][col], DELTA_BLOCK_M
+
+    delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(lq, delta_m), b * h)](
+        out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
+        num_warps=DELTA_WARPS)
+
+    if mask is None:
+        mask_kind, mask_arg, ms = NO_MASK, q, (0, 0, 0, 0)
+    else:
+        mask_kind, mask_arg = (BOOL_MASK, mask.view(torch.uint8)) if mask.dtype == torch.bool else (FLOAT_MASK, mask)
+        ms = mask_arg.stride()
+    common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+                  DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+                  INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
+    strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride())
+    bm, bn, warps, stages = cfg_kv
+    _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
+        q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
+        h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages = cfg_q
+    _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
+        q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride(),
+        h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv
+
+
+def _aot_cases():
+    """Every config of DKDV_CONFIGS and DQ_CONFIGS in the variants of attention_fwd.AOT_VARIANTS, and the
+    delta pass."""
+    cases = []
+    for kernel, fn, configs, outs in (("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV")),
+                                      ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",))):
+        for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, suffix) in aot_matrix(configs):
+            dot_m = bn if fn is _attn_bwd_dkdv else bm  # rows of the dots' output tiles
+            t = f"*{tname}"
+            ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32"}
+            ptrs.update({o: t for o in outs})
+            const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn,
+                         IS_CAUSAL=causal, MASK_KIND=mask_kind, DOT_F32=False, INPUT_PRECISION="ieee")
+            cases.append(AOTCase(f"{kernel}[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", fn,
+                                 signature_of(fn, ptrs, ("qk_scale", "sm_scale")), const, num_warps=w,
+                                 num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, dot_m, w),
+                                 core=aot_core(tname, e, causal)))
+    for tname in ("fp16", "fp32"):
+        for e in (64, 256):
+            sig = signature_of(_attn_bwd_delta, {"Out": f"*{tname}", "DO": f"*{tname}", "Delta": "*fp32"})
+            cases.append(AOTCase(f"attn_bwd_delta[{tname},E{e},{DELTA_BLOCK_M}]", _attn_bwd_delta, sig,
+                                 dict(HEAD_DIM_V=e, PAD_EV=e, BLOCK_M=DELTA_BLOCK_M), num_warps=DELTA_WARPS,
+                                 num_stages=1))
+    return cases
+
+
+AOT_CASES = _aot_cases()

@@ -1,0 +1,240 @@
+"""Fused attention forward (FlashAttention-2 style): O = softmax(Q K^T * scale + mask) V and the
+log-sum-exp of every query row, without ever materialising the Lq x Lk score matrix.
+
+Layout (B, H, L, E) read through strides, so (B, L, H, E) views need no copy. GQA maps query head h
+to key/value head h // GROUP. Head sizes E and Ev are padded inside the kernel to powers of two
+(>= 16, the smallest tl.dot operand) with masked loads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AOTCase, signature_of
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+
+#: Mask kinds (constexpr MASK_KIND).
+NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
+
+
+# One program computes BLOCK_M query rows of one (batch, query head): it streams the key/value rows
+# of its kv head in BLOCK_N blocks (stopping at the causal diagonal), keeping a running max and
+# running sum per row (online softmax, base 2 with log2(e) folded into the scale).
+# Memory traffic per program: Q tile once, K and V once per block visited (whole KV blocks above
+# the diagonal are skipped), the mask tile per block if any, O tile and LSE written once.
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse,          # Q (B, Hq, Lq, E), K (B, Hk, Lk, E), V (B, Hk, Lk, Ev),
+                                      # Mask broadcast to (B, Hq, Lq, Lk) by strides, Out (B, Hq, Lq, Ev),
+                                      # Lse (B * Hq, Lq) fp32, log2 units (see attention_fwd)
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    H, GROUP, Lq, Lk,                 # query heads, query heads per kv head, lengths
+    qk_scale,                         # scale * log2(e)
+    causal_offset,                    # key j is visible from query i when j <= i + causal_offset
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    DOT_F32: tl.constexpr,            # cast dot operands to fp32 (bf16 under the interpreter)
+    INPUT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs unless tf32 is allowed
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_z = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, PAD_E)
+    offs_dv = tl.arange(0, PAD_EV)
+    m_valid = offs_m < Lq
+
+    q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + off_z * stride_kz + off_hk * stride_kh
+    v_base = V + off_z * stride_vz + off_hk * stride_vh
+    mask_base = Mask + off_z * stride_mz + off_h * stride_mh + offs_m[:, None] * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, PAD_EV], dtype=tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:
+        # keys past the last row's diagonal are invisible to the whole block
+        hi = tl.minimum(Lk, tl.maximum(0, (start_m + 1) * BLOCK_M + causal_offset))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < Lk
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                    mask=n_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        keep = m_valid[:, None] & n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if MASK_KIND == 1:
+            mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0)
+            keep = keep & (mv != 0)
+        if MASK_KIND == 2:
+            mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0.0)
+            s = s + mv.to(tl.float32) * _LOG2E
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+            p_op = p
+        else:
+            p_op = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    alive = l_i > 0.0
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("-inf"))
+    o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + off_bh * Lq + offs_m, lse, mask=m_valid)
+
+
+def pad_head(e: int) -> int:
+    """Head size rounded up to a power of two, at least 16 (tl.dot's smallest operand)."""
+    return max(16, triton.next_power_of_2(e))
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (read as triton reads TRITON_INTERPRET)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+#: Tile config under the interpreter: 32 x 32 runs about 3x faster there than 16 x 16 (fewer, larger
+#: numpy operations) while tests of 40-70 rows still cross block boundaries.
+INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
+#: Forward tiles on a GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages) by dtype class and padded head
+#: size (the wider of E and Ev). Chosen from the static profile (tests/test_compile.py) so that the
+#: heaviest variant (causal + float mask) spills no registers and 16-bit dots use wgmma on sm_90
+#: (BLOCK_M >= 64, 4+ warps); wider tiles spilled. Not yet tuned on a GPU (issue 9).
+FWD_CONFIGS = {
+    "16bit": {64: (64, 32, 4, 2), 128: (64, 32, 8, 2), 256: (64, 16, 8, 2)},
+    "fp32": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def head_class(pad_e: int, pad_ev: int) -> int:
+    """The config column for these padded head sizes: 64 (covers 16..64), 128 or 256."""
+    return max(64, pad_e, pad_ev)
+
+
+def gpu_config(pad_e: int, pad_ev: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward on a GPU (see FWD_CONFIGS)."""
+    return FWD_CONFIGS[dtype_class(dtype)][head_class(pad_e, pad_ev)]
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  scale: float, is_causal: bool, causal_offset: int,
+                  allow_tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. q (B, Hq, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev) any strides;
+    mask None, bool or float, already expanded (stride 0 where broadcast) to (B, Hq, Lq, Lk).
+    Returns out (B, Hq, Lq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) fp32, the log-sum-exp of
+    each row in log2 units (natural log-sum-exp * log2(e); -inf for fully-masked rows). Keeping base 2
+    lets the backward recompute P = exp2(S * log2(e) - lse) with no rounding at the magnitude of the
+    scores, which matters when logits are large (|S| in the hundreds)."""
+    b, h, lq, e = q.shape
+    hk, lk, ev = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((b, h, lq, ev), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if mask is None:
+        mask_kind, mask_arg, ms = NO_MASK, q, (0, 0, 0, 0)
+    else:
+        if mask.dtype == torch.bool:
+            mask_kind, mask_arg = BOOL_MASK, mask.view(torch.uint8)
+        else:
+            mask_kind, mask_arg = FLOAT_MASK, mask
+        ms = mask_arg.stride()
+    pad_e, pad_ev = pad_head(e), pad_head(ev)
+    block_m, block_n, warps, stages = INTERPRETER_CONFIG if interpreting() else gpu_config(pad_e, pad_ev, q.dtype)
+    grid = (triton.cdiv(lq, block_m), b * h)
+    _attn_fwd[grid](
+        q, k, v, mask_arg, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+        h, h // hk, lq, lk, scale * LOG2E, causal_offset,
+        HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, BLOCK_M=block_m, BLOCK_N=block_n,
+        IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee",
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+#: The kernel variants compiled ahead of time: (IS_CAUSAL, MASK_KIND, name suffix). The causal
+#: float-mask variant carries the most live state (it bounds registers and spills); the plain one
+#: is the fast path. Every tile config of FWD_CONFIGS is compiled in both, for fp16, bf16 and fp32.
+AOT_VARIANTS = ((False, NO_MASK, ""), (True, FLOAT_MASK, ",causal,fmask"))
+
+
+def wgmma_expected(dtype: torch.dtype, dot_m: int, num_warps: int) -> bool:
+    """Hopper's warpgroup MMA takes 16-bit operands (fp32 here runs as ieee on CUDA cores) and 64 rows
+    per warpgroup of 4 warps."""
+    return dtype != torch.float32 and dot_m >= 64 and num_warps >= 4
+
+
+def aot_core(tname: str, e: int, causal: bool) -> bool:
+    """Compiled by every ``make test``: the heaviest variant of each tile config, in fp16 and fp32 (bf16
+    has fp16's sizes; it is core at head size 128 only). The rest runs with --runslow."""
+    return causal and (tname != "bf16" or e == 128)
+
+
+def aot_matrix(configs):
+    """(dtype, triton dtype name, head size, config, variant) for every entry of a config table."""
+    for dtype, tname in _TRITON_DTYPE.items():
+        for e, cfg in configs[dtype_class(dtype)].items():
+            for variant in AOT_VARIANTS:
+                yield dtype, tname, e, cfg, variant
+
+
+def _aot_cases():
+    cases = []
+    for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, suffix) in aot_matrix(FWD_CONFIGS):
+        t = f"*{tname}"
+        sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"},
+                           floats=("qk_scale",))
+        const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn,
+                     IS_CAUSAL=causal, MASK_KIND=mask_kind, DOT_F32=False, INPUT_PRECISION="ieee")
+        cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
+                             num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
+                             core=aot_core(tname, e, causal)))
+    return cases
+
+
+AOT_CASES = _aot_cases()
