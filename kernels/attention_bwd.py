@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .aot import AOTCase, signature_of
 from .attention_fwd import (
-    _LOG2E, BOOL_MASK, FLOAT_MASK, INTERPRETER_CONFIG, LOG2E, NO_MASK, aot_matrix, dtype_class, head_class,
+    _LOG2E, INTERPRETER_CONFIG, LOG2E, aot_matrix, mask_args, dtype_class, head_class,
     aot_core, interpreting, pad_head, wgmma_expected)
 
 
@@ -253,11 +253,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
         num_warps=DELTA_WARPS)
 
-    if mask is None:
-        mask_kind, mask_arg, ms = NO_MASK, q, (0, 0, 0, 0)
-    else:
-        mask_kind, mask_arg = (BOOL_MASK, mask.view(torch.uint8)) if mask.dtype == torch.bool else (FLOAT_MASK, mask)
-        ms = mask_arg.stride()
+    mask_kind, mask_arg, ms = mask_args(mask, q)
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16,
                   INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")

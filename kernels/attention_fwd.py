@@ -157,6 +157,17 @@ def gpu_config(pad_e: int, pad_ev: int, dtype: torch.dtype) -> Tuple[int, int, i
     return FWD_CONFIGS[dtype_class(dtype)][head_class(pad_e, pad_ev)]
 
 
+def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[int, torch.Tensor, Tuple[int, ...]]:
+    """(MASK_KIND, pointer argument, 4 strides) for an optional mask broadcast to (B, Hq, Lq, Lk).
+    Bool masks are read as uint8; with no mask, q stands in as a pointer that is never read."""
+    if mask is None:
+        return NO_MASK, q, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+        return BOOL_MASK, mask, mask.stride()
+    return FLOAT_MASK, mask, mask.stride()
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   scale: float, is_causal: bool, causal_offset: int,
                   allow_tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,14 +183,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    if mask is None:
-        mask_kind, mask_arg, ms = NO_MASK, q, (0, 0, 0, 0)
-    else:
-        if mask.dtype == torch.bool:
-            mask_kind, mask_arg = BOOL_MASK, mask.view(torch.uint8)
-        else:
-            mask_kind, mask_arg = FLOAT_MASK, mask
-        ms = mask_arg.stride()
+    mask_kind, mask_arg, ms = mask_args(mask, q)
     pad_e, pad_ev = pad_head(e), pad_head(ev)
     block_m, block_n, warps, stages = INTERPRETER_CONFIG if interpreting() else gpu_config(pad_e, pad_ev, q.dtype)
     grid = (triton.cdiv(lq, block_m), b * h)
