@@ -47,7 +47,10 @@ def scaled_dot_product_attention(
         value (Tensor): (B, Hk, Lk, Ev); Ev may differ from E. 1 <= E, Ev <= 256.
         attn_mask (Tensor, optional): bool (True = may attend) or additive float mask of query's
             dtype, broadcastable to (B, Hq, Lq, Lk). May be combined with ``is_causal``.
-        dropout_p (float): dropout probability on the attention weights, in [0, 1).
+        dropout_p (float): dropout probability on the attention weights, in [0, 1). The kernels draw
+            the keep-mask with Philox from a seed taken from torch's default CPU generator, so
+            ``torch.manual_seed`` makes it reproducible; ``attn_fast.ops.attention.dropout_keep_mask``
+            regenerates the exact mask (``draw_dropout_seed`` after the same ``manual_seed``).
         is_causal (bool): causal mask, aligned by ``causal_alignment``.
         scale (float, optional): score scale, default 1/sqrt(E).
         enable_gqa (bool): grouped-query / multi-query attention.

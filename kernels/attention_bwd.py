@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .aot import AOTCase, signature_of
 from .attention_fwd import (
-    _LOG2E, INTERPRETER_CONFIG, LOG2E, aot_matrix, mask_args, dtype_class, head_class,
+    _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, with_dropout, dtype_class, head_class,
     aot_core, interpreting, pad_head, wgmma_expected)
 
 
@@ -74,9 +74,11 @@ def _attn_bwd_dkdv(
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     H, HK, GROUP, Lq, Lk, qk_scale, sm_scale, causal_offset,
+    dropout_p, dropout_scale, dropout_seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_n = tl.program_id(0)
@@ -126,9 +128,14 @@ def _attn_bwd_dkdv(
             s = _scores(q, kT, m_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn, rows, cols,
                         Lq, Lk, qk_scale, causal_offset, IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
             p = tl.math.exp2(s - lse[:, None])                       # (BLOCK_M, BLOCK_N)
-            p_op = p if DOT_F32 else p.to(do.dtype)
-            dv += tl.dot(tl.trans(p_op), do, input_precision=INPUT_PRECISION)
             dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)      # (BLOCK_M, BLOCK_N)
+            p_v = p
+            if HAS_DROPOUT:  # O used P * Z, Z = keep / (1 - p_drop): dV sees P * Z, dP is scaled by Z
+                keep_d = _dropout_keep(dropout_seed, off_bh, rows, cols, Lq, Lk, dropout_p)
+                p_v = tl.where(keep_d, p * dropout_scale, 0.0)
+                dp = tl.where(keep_d, dp * dropout_scale, 0.0)
+            p_op = p_v if DOT_F32 else p_v.to(do.dtype)
+            dv += tl.dot(tl.trans(p_op), do, input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             ds_op = ds if DOT_F32 else ds.to(q.dtype)
             dk += tl.dot(tl.trans(ds_op), q, input_precision=INPUT_PRECISION)
@@ -154,9 +161,11 @@ def _attn_bwd_dq(
     stride_dz, stride_dh, stride_dm, stride_dk,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
     H, GROUP, Lq, Lk, qk_scale, sm_scale, causal_offset,
+    dropout_p, dropout_scale, dropout_seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -202,6 +211,8 @@ def _attn_bwd_dq(
                     IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_dropout_keep(dropout_seed, off_bh, rows, cols, Lq, Lk, dropout_p), dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         ds_op = ds if DOT_F32 else ds.to(kT.dtype)
         dq += tl.dot(ds_op, tl.trans(kT), input_precision=INPUT_PRECISION)
@@ -217,7 +228,7 @@ def _attn_bwd_dq(
 #: its two fp32 accumulators spill otherwise. Not yet tuned on a GPU (issue 9).
 DKDV_CONFIGS = {
     "16bit": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
-    "fp32": {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    "fp32": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
 }
 DQ_CONFIGS = {
     "16bit": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 1)},
@@ -230,7 +241,8 @@ DELTA_WARPS = 8
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
-                  causal_offset: int, allow_tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  causal_offset: int, allow_tf32: bool = False, dropout_p: float = 0.0,
+                  dropout_seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of attention_fwd's output given dO; same shapes as q, k, v (contiguous).
     ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units; ``mask`` as in attention_fwd."""
     b, h, lq, e = q.shape
@@ -247,6 +259,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     else:
         cls, col = dtype_class(q.dtype), head_class(pad_e, pad_ev)
         cfg_kv, cfg_q, delta_m = DKDV_CONFIGS[cls][col], DQ_CONFIGS[cls][col], DELTA_BLOCK_M
+        if dropout_p > 0.0:  # as the forward: fewer keys per dQ block (dK/dV tiles fit as they are)
+            cfg_q = with_dropout(cfg_q)
 
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(lq, delta_m), b * h)](
@@ -255,18 +269,20 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     mask_kind, mask_arg, ms = mask_args(mask, q)
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+                  HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16,
                   INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride())
+    drop = (dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed)
     bm, bn, warps, stages = cfg_kv
     _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
         q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset,
+        h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = cfg_q
     _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
         q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride(),
-        h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset,
+        h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
@@ -275,19 +291,21 @@ def _aot_cases():
     """Every config of DKDV_CONFIGS and DQ_CONFIGS in the variants of attention_fwd.AOT_VARIANTS, and the
     delta pass."""
     cases = []
-    for kernel, fn, configs, outs in (("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV")),
-                                      ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",))):
-        for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, suffix) in aot_matrix(configs):
+    for kernel, fn, configs, outs, tile in (
+            ("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV"), lambda cfg: cfg),
+            ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",), with_dropout)):
+        for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, dropout, suffix) in aot_matrix(configs, tile):
             dot_m = bn if fn is _attn_bwd_dkdv else bm  # rows of the dots' output tiles
             t = f"*{tname}"
             ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32"}
             ptrs.update({o: t for o in outs})
-            const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn,
-                         IS_CAUSAL=causal, MASK_KIND=mask_kind, DOT_F32=False, INPUT_PRECISION="ieee")
+            const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
+                         MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
+            floats = ("qk_scale", "sm_scale", "dropout_p", "dropout_scale")
             cases.append(AOTCase(f"{kernel}[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", fn,
-                                 signature_of(fn, ptrs, ("qk_scale", "sm_scale")), const, num_warps=w,
+                                 signature_of(fn, ptrs, floats), const, num_warps=w,
                                  num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, dot_m, w),
-                                 core=aot_core(tname, e, causal)))
+                                 core=aot_core(tname, e, causal, dropout)))
     for tname in ("fp16", "fp32"):
         for e in (64, 256):
             sig = signature_of(_attn_bwd_delta, {"Out": f"*{tname}", "DO": f"*{tname}", "Delta": "*fp32"})

@@ -23,6 +23,14 @@ _LOG2E = tl.constexpr(LOG2E)
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 
 
+@triton.jit
+def _dropout_keep(seed, off_bh, rows, cols, Lq, Lk, dropout_p):
+    """Keep-mask of a (rows x cols) tile of head ``off_bh``: Philox draws indexed by the element's flat
+    position in (B * Hq, Lq, Lk), so forward, backward and dropout_keep_mask agree bit for bit."""
+    offsets = off_bh * Lq * Lk + rows[:, None].to(tl.int64) * Lk + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
 # One program computes BLOCK_M query rows of one (batch, query head): it streams the key/value rows
 # of its kv head in BLOCK_N blocks (stopping at the causal diagonal), keeping a running max and
 # running sum per row (online softmax, base 2 with log2(e) folded into the scale).
@@ -41,9 +49,10 @@ def _attn_fwd(
     H, GROUP, Lq, Lk,                 # query heads, query heads per kv head, lengths
     qk_scale,                         # scale * log2(e)
     causal_offset,                    # key j is visible from query i when j <= i + causal_offset
+    dropout_p, dropout_scale, dropout_seed,  # drop probability, 1 / (1 - p), Philox seed
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr,            # cast dot operands to fp32 (bf16 under the interpreter)
     INPUT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs unless tf32 is allowed
 ):
@@ -102,6 +111,8 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
                     mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if HAS_DROPOUT:  # the row sum above is taken before dropout, as softmax comes first
+            p = tl.where(_dropout_keep(dropout_seed, off_bh, offs_m, cols, Lq, Lk, dropout_p), p * dropout_scale, 0.0)
         if DOT_F32:
             v = v.to(tl.float32)
             p_op = p
@@ -152,9 +163,17 @@ def head_class(pad_e: int, pad_ev: int) -> int:
     return max(64, pad_e, pad_ev)
 
 
-def gpu_config(pad_e: int, pad_ev: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+def with_dropout(cfg: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
+    """The tile for the dropout variant: half as many keys per block (the Philox rounds on a
+    BLOCK_M x BLOCK_N tile of draws otherwise spill on sm_90)."""
+    bm, bn, w, st = cfg
+    return bm, max(16, bn // 2), w, st
+
+
+def gpu_config(pad_e: int, pad_ev: int, dtype: torch.dtype, dropout: bool = False) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward on a GPU (see FWD_CONFIGS)."""
-    return FWD_CONFIGS[dtype_class(dtype)][head_class(pad_e, pad_ev)]
+    cfg = FWD_CONFIGS[dtype_class(dtype)][head_class(pad_e, pad_ev)]
+    return with_dropout(cfg) if dropout else cfg
 
 
 def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[int, torch.Tensor, Tuple[int, ...]]:
@@ -169,10 +188,12 @@ def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[int, torch
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                  scale: float, is_causal: bool, causal_offset: int,
-                  allow_tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool = False,
+                  dropout_p: float = 0.0, dropout_seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Hq, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev) any strides;
     mask None, bool or float, already expanded (stride 0 where broadcast) to (B, Hq, Lq, Lk).
+    ``dropout_p`` > 0 drops attention weights by Philox draws from ``dropout_seed`` (see
+    dropout_keep_mask for the exact mask).
     Returns out (B, Hq, Lq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) fp32, the log-sum-exp of
     each row in log2 units (natural log-sum-exp * log2(e); -inf for fully-masked rows). Keeping base 2
     lets the backward recompute P = exp2(S * log2(e) - lse) with no rounding at the magnitude of the
@@ -185,18 +206,43 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
         return out, lse.fill_(float("-inf"))
     mask_kind, mask_arg, ms = mask_args(mask, q)
     pad_e, pad_ev = pad_head(e), pad_head(ev)
-    block_m, block_n, warps, stages = INTERPRETER_CONFIG if interpreting() else gpu_config(pad_e, pad_ev, q.dtype)
+    block_m, block_n, warps, stages = (INTERPRETER_CONFIG if interpreting()
+                                       else gpu_config(pad_e, pad_ev, q.dtype, dropout_p > 0.0))
     grid = (triton.cdiv(lq, block_m), b * h)
     _attn_fwd[grid](
         q, k, v, mask_arg, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
         h, h // hk, lq, lk, scale * LOG2E, causal_offset,
+        dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed,
         HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, BLOCK_M=block_m, BLOCK_N=block_n,
-        IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,
         INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee",
         num_warps=warps, num_stages=stages)
     return out, lse
+
+
+# One program writes the dropout keep-mask of a BLOCK_M x BLOCK_N tile of one (batch, head): the
+# draws the attention kernels make, materialised (for tests and for users checking a result).
+@triton.jit
+def _attn_dropout_mask(Keep, Lq, Lk, dropout_p, dropout_seed,   # Keep (B * Hq, Lq, Lk) uint8
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    off_bh = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(dropout_seed, off_bh, rows, cols, Lq, Lk, dropout_p)
+    tl.store(Keep + off_bh * Lq * Lk + rows[:, None].to(tl.int64) * Lk + cols[None, :], keep.to(tl.uint8),
+             mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+
+
+def dropout_keep_mask(seed: int, b: int, h: int, lq: int, lk: int, dropout_p: float,
+                      device: torch.device) -> torch.Tensor:
+    """The bool keep-mask (B, Hq, Lq, Lk) that attention_fwd/attention_bwd apply for ``seed``."""
+    keep = torch.empty((b, h, lq, lk), device=device, dtype=torch.uint8)
+    if keep.numel():
+        _attn_dropout_mask[(triton.cdiv(lq, 32), triton.cdiv(lk, 32), b * h)](
+            keep, lq, lk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -204,7 +250,8 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 #: The kernel variants compiled ahead of time: (IS_CAUSAL, MASK_KIND, name suffix). The causal
 #: float-mask variant carries the most live state (it bounds registers and spills); the plain one
 #: is the fast path. Every tile config of FWD_CONFIGS is compiled in both, for fp16, bf16 and fp32.
-AOT_VARIANTS = ((False, NO_MASK, ""), (True, FLOAT_MASK, ",causal,fmask"))
+AOT_VARIANTS = ((False, NO_MASK, False, ""), (True, FLOAT_MASK, False, ",causal,fmask"),
+                (True, FLOAT_MASK, True, ",causal,fmask,dropout"))
 
 
 def wgmma_expected(dtype: torch.dtype, dot_m: int, num_warps: int) -> bool:
@@ -213,31 +260,38 @@ def wgmma_expected(dtype: torch.dtype, dot_m: int, num_warps: int) -> bool:
     return dtype != torch.float32 and dot_m >= 64 and num_warps >= 4
 
 
-def aot_core(tname: str, e: int, causal: bool) -> bool:
-    """Compiled by every ``make test``: the heaviest variant of each tile config, in fp16 and fp32 (bf16
-    has fp16's sizes; it is core at head size 128 only). The rest runs with --runslow."""
+def aot_core(tname: str, e: int, causal: bool, dropout: bool = False) -> bool:
+    """Compiled by every ``make test``: the causal float-mask variant of each tile config, in fp16 and
+    fp32 (bf16 has fp16's sizes; it is core at head size 128 only), and the dropout variant in fp16 at
+    head size 128. The rest runs with --runslow."""
+    if dropout:
+        return tname == "fp16" and e == 128
     return causal and (tname != "bf16" or e == 128)
 
 
-def aot_matrix(configs):
-    """(dtype, triton dtype name, head size, config, variant) for every entry of a config table."""
+def aot_matrix(configs, dropout_tile=with_dropout):
+    """(dtype, triton dtype name, head size, config, variant) for every entry of a config table; the
+    dropout variant takes ``dropout_tile(config)``."""
     for dtype, tname in _TRITON_DTYPE.items():
         for e, cfg in configs[dtype_class(dtype)].items():
             for variant in AOT_VARIANTS:
-                yield dtype, tname, e, cfg, variant
+                yield dtype, tname, e, (dropout_tile(cfg) if variant[2] else cfg), variant
 
 
 def _aot_cases():
     cases = []
-    for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, suffix) in aot_matrix(FWD_CONFIGS):
+    for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, dropout, suffix) in aot_matrix(FWD_CONFIGS):
         t = f"*{tname}"
         sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"},
-                           floats=("qk_scale",))
-        const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn,
-                     IS_CAUSAL=causal, MASK_KIND=mask_kind, DOT_F32=False, INPUT_PRECISION="ieee")
+                           floats=("qk_scale", "dropout_p", "dropout_scale"))
+        const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
+                     MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
         cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
                              num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
-                             core=aot_core(tname, e, causal)))
+                             core=aot_core(tname, e, causal, dropout)))
+    cases.append(AOTCase("attn_dropout_mask[32x32]", _attn_dropout_mask,
+                         signature_of(_attn_dropout_mask, {"Keep": "*u8"}, floats=("dropout_p",)),
+                         dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=1))
     return cases
 
 
