@@ -17,7 +17,14 @@ import triton.language as tl
 from .aot import AOTCase, signature_of
 from .attention_fwd import (
     _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, with_dropout, dtype_class, head_class,
-    aot_core, interpreting, pad_head, wgmma_expected)
+    AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
+from .tuning import bucket, pick
+
+#: How _attn_bwd_dkdv writes the gradient of a float mask (constexpr MASK_GRAD): not at all; plain
+#: stores (the mask has no broadcast dimension); fp32 atomic adds (broadcast over batch, heads or keys);
+#: atomic adds of row sums (broadcast over query rows, e.g. a (B, 1, 1, Lk) padding mask).
+NO_MASK_GRAD, MASK_GRAD_STORE, MASK_GRAD_ATOMIC, MASK_GRAD_ROWSUM = 0, 1, 2, 3
+_STORE, _ATOMIC, _ROWSUM = (tl.constexpr(v) for v in (MASK_GRAD_STORE, MASK_GRAD_ATOMIC, MASK_GRAD_ROWSUM))
 
 
 # One program computes delta = rowsum(dO * O) for BLOCK_M rows of one (batch, head): reads the
@@ -62,10 +69,13 @@ def _scores(q, kT, mask_ptrs, rows, cols, Lq, Lk, qk_scale, causal_offset,
 # query heads sharing the kv head, it streams query blocks from the causal diagonal down, recomputing
 # P = exp2(S - lse) and accumulating dV += P^T dO and dK += dS^T Q (fp32).
 # Memory traffic: K, V tiles once; per query block visited, Q, dO, lse, delta (and the mask tile);
-# dK, dV written once.
+# dK, dV written once. With MASK_GRAD, dS (the gradient of the additive mask) goes to DMask per tile:
+# stored when the mask has no broadcast dimension (every element belongs to this program), else
+# added atomically in fp32 (summed over the query rows first when the mask broadcasts along them).
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV,   # DK like K, DV like V (contiguous); Lse, Delta (B*Hq, Lq)
+    DMask,                                   # fp32, the mask's own shape, viewed as (B, Hq, Lq, Lk)
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -73,12 +83,13 @@ def _attn_bwd_dkdv(
     stride_dz, stride_dh, stride_dm, stride_dk,   # dO
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+    stride_gz, stride_gh, stride_gm, stride_gn,   # DMask
     H, HK, GROUP, Lq, Lk, qk_scale, sm_scale, causal_offset,
     dropout_p, dropout_scale, dropout_seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MASK_GRAD: tl.constexpr = 0,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_n = tl.program_id(0)
@@ -112,6 +123,7 @@ def _attn_bwd_dkdv(
         q_base = Q + off_z * stride_qz + off_h * stride_qh
         do_base = DO + off_z * stride_dz + off_h * stride_dh
         m_base = Mask + off_z * stride_mz + off_h * stride_mh
+        g_base = DMask + off_z * stride_gz + off_h * stride_gh
         for start_m in range(lo, Lq, BLOCK_M):
             rows = start_m + offs_m
             m_valid = rows < Lq
@@ -136,7 +148,15 @@ def _attn_bwd_dkdv(
                 dp = tl.where(keep_d, dp * dropout_scale, 0.0)
             p_op = p_v if DOT_F32 else p_v.to(do.dtype)
             dv += tl.dot(tl.trans(p_op), do, input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None])   # d loss / d (scale * q.k + mask), 0 where masked out
+            if MASK_GRAD == _STORE:
+                tl.store(g_base + rows[:, None] * stride_gm + cols[None, :] * stride_gn, ds,
+                         mask=m_valid[:, None] & n_valid[None, :])
+            if MASK_GRAD == _ATOMIC:
+                tl.atomic_add(g_base + rows[:, None] * stride_gm + cols[None, :] * stride_gn, ds,
+                              mask=m_valid[:, None] & n_valid[None, :], sem="relaxed")
+            if MASK_GRAD == _ROWSUM:  # invalid rows hold ds = 0
+                tl.atomic_add(g_base + cols * stride_gn, tl.sum(ds, 0), mask=n_valid, sem="relaxed")
             ds_op = ds if DOT_F32 else ds.to(q.dtype)
             dk += tl.dot(tl.trans(ds_op), q, input_precision=INPUT_PRECISION)
     dk = dk * sm_scale
@@ -221,19 +241,45 @@ def _attn_bwd_dq(
              dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-#: dK/dV tiles (BLOCK_M query rows streamed, BLOCK_N key rows owned, warps, stages) and dQ tiles,
-#: by dtype class and padded head size; as FWD_CONFIGS, picked from the static profile: no spills in
-#: the causal float-mask variant on sm_90, wgmma for 16-bit dots whose M is 64 or more (the dK/dV dots
-#: have M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row tiles (mma.sync, no wgmma):
-#: its two fp32 accumulators spill otherwise. Not yet tuned on a GPU (issue 9).
+#: dK/dV tile candidates (BLOCK_M query rows streamed, BLOCK_N key rows owned, warps, stages) and dQ
+#: tile candidates, by dtype class and padded head size; as FWD_CONFIGS: timed on first use by
+#: kernels/tuning.py, the first is the default, each kept for a clean static profile in the heaviest
+#: variants (no spills on sm_90, wgmma for 16-bit dots whose M is 64 or more: the dK/dV dots have
+#: M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row tiles (mma.sync, no wgmma):
+#: its two fp32 accumulators spill otherwise. Not yet timed on a GPU.
 DKDV_CONFIGS = {
-    "16bit": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
-    "fp32": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    90: {"16bit": {64: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
+                   128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+                   256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
+         "fp32": {64: [(16, 32, 8, 1)],
+                  128: [(16, 16, 4, 1), (32, 16, 8, 1)],
+                  256: [(16, 16, 4, 1)]}},
+    80: {"16bit": {64: [(16, 32, 4, 2)],
+                   128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+                   256: [(16, 32, 8, 1)]},
+         "fp32": {64: [(32, 32, 4, 1)],
+                  128: [(16, 16, 4, 1)],
+                  256: [(16, 16, 4, 1)]}},
 }
 DQ_CONFIGS = {
-    "16bit": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 1)},
-    "fp32": {64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    90: {"16bit": {64: [(64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+                   128: [(64, 32, 8, 2)],
+                   256: [(32, 16, 8, 1)]},
+         "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
+                  128: [(16, 16, 4, 1), (32, 16, 4, 1)],
+                  256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
+    80: {"16bit": {64: [(64, 32, 8, 2), (128, 32, 8, 2)],
+                   128: [(32, 32, 8, 2)],
+                   256: [(16, 16, 8, 1), (16, 32, 8, 1)]},
+         "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
+                  128: [(16, 16, 4, 1), (32, 16, 4, 1)],
+                  256: [(16, 16, 8, 1)]}},
 }
+#: Known spills, bytes, of table entries for which no candidate compiled spill-free on its target in
+#: every variant (fp32 at head size 256, dK/dV: its two 16 x 256 fp32 accumulators plus the recomputed
+#: tiles; tried 16x16 with 2, 4 and 8 warps and 1 or 2 stages). Tolerated by the compile test up to
+#: this many bytes; removing them is GPU tuning work.
+SPILL_BUDGETS = {("attn_bwd_dkdv", "fp32", 256, (16, 16, 4, 1)): 16}
 #: Rows per program and warps of the delta pass (16 x 256 tiles over 8 warps: wider ones spilled).
 DELTA_BLOCK_M = 16
 DELTA_WARPS = 8
@@ -242,70 +288,118 @@ DELTA_WARPS = 8
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
                   causal_offset: int, allow_tf32: bool = False, dropout_p: float = 0.0,
-                  dropout_seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of attention_fwd's output given dO; same shapes as q, k, v (contiguous).
-    ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units; ``mask`` as in attention_fwd."""
+                  dropout_seed: int = 0, mask_grad: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients (dq, dk, dv, dmask) of attention_fwd's output given dO; dq, dk, dv have the shapes
+    of q, k, v (contiguous). ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units;
+    ``mask`` as in attention_fwd. With ``mask_grad`` (a float mask), dmask is the gradient of the
+    mask in its own shape and dtype (summed over its broadcast dimensions), else None."""
     b, h, lq, e = q.shape
     hk, lk, ev = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    mask_grad = mask_grad and mask is not None and mask.is_floating_point()
+    # zero-filled: the kernel skips the blocks above the causal diagonal and adds into broadcast dims
+    dmask = torch.zeros(mask.shape, device=q.device, dtype=torch.float32) if mask_grad else None
     if lq == 0 or lk == 0 or b * h == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), None if dmask is None else dmask.to(mask.dtype)
     pad_e, pad_ev = pad_head(e), pad_head(ev)
     if interpreting():
-        cfg_kv = cfg_q = INTERPRETER_CONFIG
+        cands_kv = cands_q = [INTERPRETER_CONFIG]
         delta_m = INTERPRETER_CONFIG[0]
     else:
-        cls, col = dtype_class(q.dtype), head_class(pad_e, pad_ev)
-        cfg_kv, cfg_q, delta_m = DKDV_CONFIGS[cls][col], DQ_CONFIGS[cls][col], DELTA_BLOCK_M
+        cap, cls, col = target_cap(q.device), dtype_class(q.dtype), head_class(pad_e, pad_ev)
+        cands_kv, cands_q, delta_m = DKDV_CONFIGS[cap][cls][col], DQ_CONFIGS[cap][cls][col], DELTA_BLOCK_M
         if dropout_p > 0.0:  # as the forward: fewer keys per dQ block (dK/dV tiles fit as they are)
-            cfg_q = with_dropout(cfg_q)
+            cands_q = list(dict.fromkeys(with_dropout(c) for c in cands_q))
 
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(lq, delta_m), b * h)](
         out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
         num_warps=DELTA_WARPS)
 
-    mask_kind, mask_arg, ms = mask_args(mask, q)
+    mask_kind, mask_arg, ms = mask_args(mask, q, lk)
+    grad_mode, dmask_arg, gs = _mask_grad_args(dmask, q, lk)
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16,
                   INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride())
     drop = (dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed)
-    bm, bn, warps, stages = cfg_kv
-    _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
-        q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = cfg_q
-    _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride(),
-        h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    return dq, dk, dv
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
+            q, k, v, mask_arg, do, lse, delta, dk, dv, dmask_arg, *strides, *dk.stride(), *dv.stride(), *gs,
+            h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, MASK_GRAD=grad_mode, **common)
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
+            q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride(),
+            h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    key = (q.device, q.dtype, tuple(sorted(common.items())), bucket(lq), bucket(lk), bucket(b * h))
+    cfg_kv = pick(("attn_bwd_dkdv", grad_mode, hk != h) + key, cands_kv, launch_dkdv)
+    if dmask is not None:
+        dmask.zero_()  # timed runs (if any) added into it
+    launch_dkdv(cfg_kv)
+    launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq))
+    return dq, dk, dv, None if dmask is None else dmask.to(mask.dtype)
+
+
+def _mask_grad_args(dmask: Optional[torch.Tensor], q: torch.Tensor, lk: int):
+    """(MASK_GRAD mode, pointer, 4 strides) for the fp32 mask-gradient buffer (None: not wanted)."""
+    if dmask is None:
+        return NO_MASK_GRAD, q, (0, 0, 0, 0)
+    b, h, lq, _ = q.shape
+    full = (b, h, lq, lk)
+    bcast = [size != want for size, want in zip(dmask.shape, full)]
+    if not any(bcast):
+        mode = MASK_GRAD_STORE
+    elif bcast[2] and not bcast[3]:
+        mode = MASK_GRAD_ROWSUM
+    else:
+        mode = MASK_GRAD_ATOMIC
+    return mode, dmask, dmask.expand(full).stride()
+
+
+#: The backward's extra AOT variant: dK/dV writing a float mask's gradient with atomics (the heavier
+#: of the write modes; compiled for every dK/dV candidate).
+DMASK_VARIANT = (True, FLOAT_MASK, False, ",causal,fmask,dmask")
 
 
 def _aot_cases():
-    """Every config of DKDV_CONFIGS and DQ_CONFIGS in the variants of attention_fwd.AOT_VARIANTS, and the
-    delta pass."""
+    """Every candidate of DKDV_CONFIGS and DQ_CONFIGS in the variants of attention_fwd.AOT_VARIANTS (and
+    dK/dV in DMASK_VARIANT), and the delta pass."""
     cases = []
-    for kernel, fn, configs, outs, tile in (
-            ("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV"), lambda cfg: cfg),
-            ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",), with_dropout)):
-        for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, dropout, suffix) in aot_matrix(configs, tile):
+    for kernel, fn, configs, outs, tile, variants in (
+            ("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV"), lambda cfg: cfg,
+             AOT_VARIANTS + (DMASK_VARIANT,)),
+            ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",), with_dropout, AOT_VARIANTS)):
+        for dtype, tname, e, (bm, bn, w, st), variant, first, caps in aot_matrix(configs, tile, variants):
+            causal, mask_kind, dropout, suffix = variant
             dot_m = bn if fn is _attn_bwd_dkdv else bm  # rows of the dots' output tiles
             t = f"*{tname}"
             ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32"}
             ptrs.update({o: t for o in outs})
             const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
                          MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
+            core = aot_core(tname, e, causal, dropout, first)
+            if fn is _attn_bwd_dkdv:
+                ptrs["DMask"] = "*fp32"
+                const["MASK_GRAD"] = MASK_GRAD_ATOMIC if variant is DMASK_VARIANT else NO_MASK_GRAD
+                if variant is DMASK_VARIANT:
+                    core = first and e == 128 and tname != "bf16"
             floats = ("qk_scale", "sm_scale", "dropout_p", "dropout_scale")
+            budget = SPILL_BUDGETS.get((kernel, "fp32" if tname == "fp32" else "16bit", e, (bm, bn, w, st)), 0)
             cases.append(AOTCase(f"{kernel}[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", fn,
                                  signature_of(fn, ptrs, floats), const, num_warps=w,
                                  num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, dot_m, w),
-                                 core=aot_core(tname, e, causal, dropout)))
+                                 core=core, targets=caps, spill_budget=budget))
     for tname in ("fp16", "fp32"):
         for e in (64, 256):
             sig = signature_of(_attn_bwd_delta, {"Out": f"*{tname}", "DO": f"*{tname}", "Delta": "*fp32"})

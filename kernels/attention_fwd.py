@@ -7,14 +7,15 @@ to key/value head h // GROUP. Head sizes E and Ev are padded inside the kernel t
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import AOTCase, signature_of
+from .interpreter import interpreting
+from .tuning import bucket, pick
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -134,24 +135,37 @@ def pad_head(e: int) -> int:
     return max(16, triton.next_power_of_2(e))
 
 
-def interpreting() -> bool:
-    """Triton's interpreter is on (read as triton reads TRITON_INTERPRET)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
-
-
 #: Tile config under the interpreter: 32 x 32 runs about 3x faster there than 16 x 16 (fewer, larger
 #: numpy operations) while tests of 40-70 rows still cross block boundaries.
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 
 
-#: Forward tiles on a GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages) by dtype class and padded head
-#: size (the wider of E and Ev). Chosen from the static profile (tests/test_compile.py) so that the
-#: heaviest variant (causal + float mask) spills no registers and 16-bit dots use wgmma on sm_90
-#: (BLOCK_M >= 64, 4+ warps); wider tiles spilled. Not yet tuned on a GPU (issue 9).
+#: Forward tile candidates on a GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages) by target compute
+#: capability (90: Hopper and newer, 80: Ampere/Ada), dtype class and padded head size (the wider of
+#: E and Ev). kernels/tuning.py times them on first use and keeps the fastest; the first is the
+#: default when tuning is off. Each is kept for a clean static profile on its target in every variant
+#: (tests/test_compile.py): no register spills and, on sm_90, wgmma for 16-bit dots (BLOCK_M >= 64,
+#: 4+ warps). Not yet timed on a GPU.
 FWD_CONFIGS = {
-    "16bit": {64: (64, 32, 4, 2), 128: (64, 32, 8, 2), 256: (64, 16, 8, 2)},
-    "fp32": {64: (32, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    90: {"16bit": {64: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+                   128: [(64, 32, 8, 2)],
+                   256: [(64, 16, 8, 2)]},
+         "fp32": {64: [(32, 16, 4, 1), (64, 16, 4, 1), (32, 32, 4, 1)],
+                  128: [(16, 16, 4, 1), (16, 32, 4, 1)],
+                  256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
+    80: {"16bit": {64: [(64, 32, 4, 2), (64, 32, 4, 3)],
+                   128: [(64, 32, 8, 2)],
+                   256: [(64, 16, 8, 2)]},
+         "fp32": {64: [(32, 16, 4, 1), (64, 16, 4, 1), (32, 32, 4, 1)],
+                  128: [(16, 16, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)],
+                  256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
 }
+
+
+def target_cap(device: torch.device) -> int:
+    """The config table for a CUDA device: 90 from Hopper on, else 80."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -170,17 +184,34 @@ def with_dropout(cfg: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
     return bm, max(16, bn // 2), w, st
 
 
-def gpu_config(pad_e: int, pad_ev: int, dtype: torch.dtype, dropout: bool = False) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward on a GPU (see FWD_CONFIGS)."""
-    cfg = FWD_CONFIGS[dtype_class(dtype)][head_class(pad_e, pad_ev)]
-    return with_dropout(cfg) if dropout else cfg
+def gpu_configs(pad_e: int, pad_ev: int, dtype: torch.dtype, dropout: bool = False,
+                cap: int = 90) -> List[Tuple[int, int, int, int]]:
+    """The forward's tile candidates on an sm_<cap> GPU (see FWD_CONFIGS), in their dropout form if
+    ``dropout``."""
+    cfgs = FWD_CONFIGS[cap][dtype_class(dtype)][head_class(pad_e, pad_ev)]
+    return _unique([with_dropout(c) for c in cfgs]) if dropout else list(cfgs)
 
 
-def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[int, torch.Tensor, Tuple[int, ...]]:
-    """(MASK_KIND, pointer argument, 4 strides) for an optional mask broadcast to (B, Hq, Lq, Lk).
+def _unique(cfgs):
+    return list(dict.fromkeys(cfgs))
+
+
+def launch_configs(q: torch.Tensor, pad_e: int, pad_ev: int, dropout: bool = False):
+    """The candidates a launch chooses from: the interpreter's one tile, or the device's set."""
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    return gpu_configs(pad_e, pad_ev, q.dtype, dropout, target_cap(q.device))
+
+
+def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor,
+              lk: int) -> Tuple[int, torch.Tensor, Tuple[int, ...]]:
+    """(MASK_KIND, pointer argument, 4 strides) for an optional 4-D mask broadcastable to
+    (B, Hq, Lq, Lk): the strides of its broadcast view (0 along broadcast dimensions, nothing copied).
     Bool masks are read as uint8; with no mask, q stands in as a pointer that is never read."""
     if mask is None:
         return NO_MASK, q, (0, 0, 0, 0)
+    b, h, lq, _ = q.shape
+    mask = mask.expand(b, h, lq, lk)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
         return BOOL_MASK, mask, mask.stride()
@@ -191,7 +222,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                   scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool = False,
                   dropout_p: float = 0.0, dropout_seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Hq, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev) any strides;
-    mask None, bool or float, already expanded (stride 0 where broadcast) to (B, Hq, Lq, Lk).
+    mask None, or a bool or float 4-D tensor broadcastable to (B, Hq, Lq, Lk) (read through strides).
     ``dropout_p`` > 0 drops attention weights by Philox draws from ``dropout_seed`` (see
     dropout_keep_mask for the exact mask).
     Returns out (B, Hq, Lq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) fp32, the log-sum-exp of
@@ -204,21 +235,24 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    mask_kind, mask_arg, ms = mask_args(mask, q)
+    mask_kind, mask_arg, ms = mask_args(mask, q, lk)
     pad_e, pad_ev = pad_head(e), pad_head(ev)
-    block_m, block_n, warps, stages = (INTERPRETER_CONFIG if interpreting()
-                                       else gpu_config(pad_e, pad_ev, q.dtype, dropout_p > 0.0))
-    grid = (triton.cdiv(lq, block_m), b * h)
-    _attn_fwd[grid](
-        q, k, v, mask_arg, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        h, h // hk, lq, lk, scale * LOG2E, causal_offset,
-        dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed,
-        HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, BLOCK_M=block_m, BLOCK_N=block_n,
-        IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
-        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
-        INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee",
-        num_warps=warps, num_stages=stages)
+    flags = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev,
+                 IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
+                 DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+                 INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
+
+    def launch(cfg):
+        block_m, block_n, warps, stages = cfg
+        _attn_fwd[(triton.cdiv(lq, block_m), b * h)](
+            q, k, v, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            h, h // hk, lq, lk, scale * LOG2E, causal_offset,
+            dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
+
+    key = ("attn_fwd", q.device, q.dtype, tuple(sorted(flags.items())), bucket(lq), bucket(lk), bucket(b * h))
+    launch(pick(key, launch_configs(q, pad_e, pad_ev, dropout_p > 0.0), launch))
     return out, lse
 
 
@@ -247,9 +281,9 @@ def dropout_keep_mask(seed: int, b: int, h: int, lq: int, lk: int, dropout_p: fl
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-#: The kernel variants compiled ahead of time: (IS_CAUSAL, MASK_KIND, name suffix). The causal
-#: float-mask variant carries the most live state (it bounds registers and spills); the plain one
-#: is the fast path. Every tile config of FWD_CONFIGS is compiled in both, for fp16, bf16 and fp32.
+#: The kernel variants compiled ahead of time: (IS_CAUSAL, MASK_KIND, HAS_DROPOUT, name suffix). The
+#: causal float-mask variants carry the most live state (they bound registers and spills); the plain
+#: one is the fast path. Every tile candidate is compiled in each, for fp16, bf16 and fp32.
 AOT_VARIANTS = ((False, NO_MASK, False, ""), (True, FLOAT_MASK, False, ",causal,fmask"),
                 (True, FLOAT_MASK, True, ",causal,fmask,dropout"))
 
@@ -260,27 +294,41 @@ def wgmma_expected(dtype: torch.dtype, dot_m: int, num_warps: int) -> bool:
     return dtype != torch.float32 and dot_m >= 64 and num_warps >= 4
 
 
-def aot_core(tname: str, e: int, causal: bool, dropout: bool = False) -> bool:
-    """Compiled by every ``make test``: the causal float-mask variant of each tile config, in fp16 and
-    fp32 (bf16 has fp16's sizes; it is core at head size 128 only), and the dropout variant in fp16 at
-    head size 128. The rest runs with --runslow."""
+def aot_core(tname: str, e: int, causal: bool, dropout: bool = False, first: bool = True) -> bool:
+    """Compiled by every ``make test``: the default (first) candidate of each tile set in the causal
+    float-mask variant, in fp16 and fp32 (bf16 has fp16's sizes; it is core at head size 128 only),
+    and its dropout variant in fp16 at head size 128. The rest runs with --runslow."""
+    if not first:
+        return False
     if dropout:
         return tname == "fp16" and e == 128
     return causal and (tname != "bf16" or e == 128)
 
 
-def aot_matrix(configs, dropout_tile=with_dropout):
-    """(dtype, triton dtype name, head size, config, variant) for every entry of a config table; the
-    dropout variant takes ``dropout_tile(config)``."""
+def aot_matrix(configs, dropout_tile=with_dropout, variants=AOT_VARIANTS):
+    """(dtype, triton dtype name, head size, config, variant, is-first-candidate, target caps) for every
+    candidate of a per-cap config table in every variant; the dropout variant takes
+    ``dropout_tile(config)``. A config listed for several caps appears once, targeting all of them."""
+    caps = sorted(configs)
     for dtype, tname in _TRITON_DTYPE.items():
-        for e, cfg in configs[dtype_class(dtype)].items():
-            for variant in AOT_VARIANTS:
-                yield dtype, tname, e, (dropout_tile(cfg) if variant[2] else cfg), variant
+        cls = dtype_class(dtype)
+        for e in configs[caps[0]][cls]:
+            for variant in variants:
+                targets: dict = {}
+                firsts = set()
+                for cap in caps:
+                    tiles = _unique([dropout_tile(c) if variant[2] else c for c in configs[cap][cls][e]])
+                    firsts.add(tiles[0])
+                    for cfg in tiles:
+                        targets.setdefault(cfg, []).append(cap)
+                for cfg, on in targets.items():
+                    yield dtype, tname, e, cfg, variant, cfg in firsts, tuple(on)
 
 
 def _aot_cases():
     cases = []
-    for dtype, tname, e, (bm, bn, w, st), (causal, mask_kind, dropout, suffix) in aot_matrix(FWD_CONFIGS):
+    for dtype, tname, e, (bm, bn, w, st), variant, first, caps in aot_matrix(FWD_CONFIGS):
+        causal, mask_kind, dropout, suffix = variant
         t = f"*{tname}"
         sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"},
                            floats=("qk_scale", "dropout_p", "dropout_scale"))
@@ -288,7 +336,7 @@ def _aot_cases():
                      MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
         cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
                              num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
-                             core=aot_core(tname, e, causal, dropout)))
+                             core=aot_core(tname, e, causal, dropout, first), targets=caps))
     cases.append(AOTCase("attn_dropout_mask[32x32]", _attn_dropout_mask,
                          signature_of(_attn_dropout_mask, {"Keep": "*u8"}, floats=("dropout_p",)),
                          dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=1))

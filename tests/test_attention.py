@@ -45,6 +45,24 @@ def make(b, hq, lq, lk, e, ev=None, hk=None, dtype=torch.float32, device="cpu"):
                 value=rand(b, hk, lk, ev or e, dtype=dtype, device=device))
 
 
+def check_with_dropout(inputs, p, torch_seed, shape, grad):
+    """check_op with dropout_p = p: the reference applies the keep-mask the kernels drew, regenerated
+    by dropout_keep_mask from the seed torch.manual_seed(torch_seed) leads to."""
+    torch.manual_seed(torch_seed)
+    keep = dropout_keep_mask(draw_dropout_seed(), shape, p, inputs["query"].device)
+
+    def fast(**kw):
+        torch.manual_seed(torch_seed)
+        return sdpa(**kw)
+
+    def ref(**kw):
+        return reference.scaled_dot_product_attention(**kw, dropout_mask=keep)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        return check_op(fast, ref, {**inputs, "dropout_p": p}, grad=grad)
+
+
 def check(inputs, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the reference
@@ -88,7 +106,7 @@ def test_float_mask(shape, dtype, device):
 def test_small_blocks_many_iterations(device, monkeypatch):
     """16 x 16 tiles: many key blocks per query block, diagonal blocks, partial blocks at both ends."""
     if device.type == "cuda":
-        pytest.skip("the tile size is fixed by gpu_config on a GPU")
+        pytest.skip("on a GPU the tiles come from the candidate tables (gpu_configs)")
     monkeypatch.setattr(fwd_module, "INTERPRETER_CONFIG", (16, 16, 4, 1))
     monkeypatch.setattr(bwd_module, "INTERPRETER_CONFIG", (16, 16, 4, 1))
     for alignment in ("top_left", "lower_right"):
@@ -182,28 +200,66 @@ def test_large_logits_do_not_overflow(device):
             assert (fast.double() - ref).abs().max() <= 16 * eps * terms + 1e-5
 
 
-def test_uncovered_configs_fall_back_with_a_warning(device, monkeypatch):
-    monkeypatch.setattr(dispatch, "_warned", set())
-    inputs = make(1, 2, 8, 8, 16, device=device)
-    mask = rand(8, 8, device=device).requires_grad_(True)
-    with pytest.warns(RuntimeWarning, match="gradient of a float attn_mask"):
-        check_op(sdpa, reference.scaled_dot_product_attention, {**inputs, "attn_mask": mask},
-                 grad=("query", "attn_mask"))
+@pytest.mark.parametrize("shape,causal", [((23, 19), False), ((2, 1, 1, 19), True), ((2, 3, 23, 19), True),
+                                          ((3, 23, 1), False), ((1, 3, 1, 1), True), ((2, 1, 23, 19), False)])
+def test_float_mask_gradient(shape, causal, dtype, device):
+    """The gradient of an additive mask comes from the kernels, summed over its broadcast dimensions
+    (plain stores, atomic adds and row-summed atomic adds: all three write modes)."""
+    mask = rand(*shape, dtype=dtype, device=device)
+    inputs = make(2, 3, 23, 19, 16, dtype=dtype, device=device)
+    if shape[-1] == 1 and dtype != torch.float32:
+        return _check_key_broadcast_mask_gradient(inputs, mask, causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_op(sdpa, reference.scaled_dot_product_attention, {**inputs, "attn_mask": mask, "is_causal": causal},
+                 grad=GRADS + ("attn_mask",))
+
+
+def _check_key_broadcast_mask_gradient(inputs, mask, causal):
+    """A mask that is constant along the keys shifts every score of a row alike: softmax ignores it and
+    its true gradient is exactly 0. What any kernel returns is the cancellation left in
+    sum_j dS_ij = dO_i . O_i - delta_i, which FlashAttention-style backwards compute from the output
+    rounded to the input dtype (delta = rowsum(dO * O)): at most the unit roundoff u times
+    sum_d |dO_id O_id| per row and broadcast element. The reference cancels within its own rounded
+    probabilities instead, so the 2x rule does not apply here (in 16-bit the two noises are alike in
+    size, the reference's often smaller). Checked: the bound, and no NaN/inf."""
+    m = mask.clone().requires_grad_(True)
+    out = sdpa(**inputs, attn_mask=m, is_causal=causal)
+    g = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+    out.backward(g)
+    u = torch.finfo(out.dtype).eps / 2
+    per_row = (g.double() * out.double()).abs().sum(-1)               # (B, H, Lq)
+    bound = 2 * u * per_row.sum_to_size(*m.shape[:-1]).unsqueeze(-1) + 1e-3  # summed like the gradient
+    assert torch.isfinite(m.grad).all()
+    assert (m.grad.double().abs() <= bound).all(), (m.grad.double().abs() / bound).max()
+
+
+def test_float_mask_gradient_with_gqa_dropout_and_dead_rows(device):
+    inputs = make(2, 4, 21, 26, 16, hk=2, device=device)
+    mask = rand(2, 4, 21, 26, device=device)
+    mask[0, 1, 5] = float("-inf")  # a dead row: zero output and zero gradients, mask gradient included
+    check_with_dropout({**inputs, "attn_mask": mask, "enable_gqa": True}, 0.25, 99, (2, 4, 21, 26),
+                       GRADS + ("attn_mask",))
+    m = mask.clone().requires_grad_(True)
+    sdpa(**inputs, attn_mask=m, enable_gqa=True).sum().backward()
+    assert (m.grad[0, 1, 5] == 0).all() and torch.isfinite(m.grad).all()
 
 
 def test_torch_compile_fullgraph(device):
-    def f(q, k, v):
-        return sdpa(q, k, v, is_causal=True).sum()
+    def f(q, k, v, m):
+        return sdpa(q, k, v, m, is_causal=True).sum()
 
     inputs = make(1, 2, 17, 17, 16, device=device)
-    q, k, v = (t.clone().requires_grad_(True) for t in inputs.values())
+    inputs["mask"] = rand(2, 1, 17, device=device)
+    q, k, v, m = (t.clone().requires_grad_(True) for t in inputs.values())
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(q, k, v)
+    out = compiled(q, k, v, m)
     out.backward()
-    q2, k2, v2 = (t.clone().requires_grad_(True) for t in inputs.values())
-    f(q2, k2, v2).backward()
+    q2, k2, v2, m2 = (t.clone().requires_grad_(True) for t in inputs.values())
+    f(q2, k2, v2, m2).backward()
     torch.testing.assert_close(out, f(*inputs.values()))
     torch.testing.assert_close(q.grad, q2.grad)
+    torch.testing.assert_close(m.grad, m2.grad)
 
 
 def test_gradcheck_cpu_path_float64():
@@ -219,7 +275,11 @@ def test_fake_tensors_give_shapes():
         k = torch.empty(2, 2, 12, 24)
         v = torch.empty(2, 2, 12, 40)
         out, lse = torch.ops.attn_fast.attention_fwd(q, k, v, None, 0.2, False, 0, False, 0.0, None)
+        mask = torch.empty(1, 4, 1, 12)
+        grads = torch.ops.attn_fast.attention_bwd(out, q, k, v, out, lse, mask, 0.2, False, 0, False, 0.0, None,
+                                                  True)
     assert out.shape == (2, 4, 10, 40) and lse.shape == (2, 4, 10) and lse.dtype == torch.float32
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, mask.shape]
 
 
 def test_backward_is_deterministic(device):
@@ -238,21 +298,8 @@ def test_backward_is_deterministic(device):
 def test_dropout_matches_reference_on_the_kernels_mask(dtype_case, causal, hk, device):
     """Philox dropout in the kernels: outputs and gradients match the reference applying the exact
     keep-mask the kernels drew (regenerated by dropout_keep_mask from the same seed)."""
-    p, torch_seed = 0.3, 1234
     inputs = make(2, 2, 37, 29, 16, hk=hk, dtype=dtype_case, device=device)
-    torch.manual_seed(torch_seed)
-    keep = dropout_keep_mask(draw_dropout_seed(), (2, 2, 37, 29), p, device)
-
-    def fast(**kw):
-        torch.manual_seed(torch_seed)
-        return sdpa(**kw)
-
-    def ref(**kw):
-        return reference.scaled_dot_product_attention(**kw, dropout_mask=keep)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        check_op(fast, ref, {**inputs, "dropout_p": p, "is_causal": causal, "enable_gqa": True}, grad=GRADS)
+    check_with_dropout({**inputs, "is_causal": causal, "enable_gqa": True}, 0.3, 1234, (2, 2, 37, 29), GRADS)
 
 
 def test_dropout_is_reproducible_and_drops_about_p(device):

@@ -41,16 +41,20 @@ def _(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, see
 @torch.library.custom_op("attn_fast::attention_bwd", mutates_args=())
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                   scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool, dropout_p: float,
-                  seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the Triton backward."""
+                  seed: Optional[Tensor], mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask) from the Triton backward; dmask has the float mask's shape when
+    ``mask_grad``, else it is an empty placeholder (ops cannot return None)."""
     from ..kernels.attention_bwd import attention_bwd as launch
 
-    return launch(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, _seed(seed))
+    dq, dk, dv, dmask = launch(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32,
+                               dropout_p, _seed(seed), mask_grad)
+    return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, mask_grad):
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -62,8 +66,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -84,17 +89,10 @@ def dropout_keep_mask(seed: Tensor, shape: Tuple[int, int, int, int], dropout_p:
     return launch(_seed(seed), *shape, dropout_p, device)
 
 
-def _unsupported(attn_mask: Optional[Tensor], dropout_p: float) -> Optional[str]:
-    """The configurations the kernels do not cover yet (they run the reference, with a warning)."""
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        return "the gradient of a float attn_mask"
-    return None
-
-
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: Optional[float],
                                  enable_gqa: bool, causal_alignment: str) -> Tensor:
-    path = route(OP, query.device, query.dtype, _unsupported(attn_mask, dropout_p))
+    path = route(OP, query.device, query.dtype)
     if path.path == "reference":
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -102,11 +100,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     unbatched = query.dim() == 3
     if unbatched:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    b, h, lq, e = query.shape
-    lk = key.shape[-2]
+    e, lq, lk = query.shape[-1], query.shape[-2], key.shape[-2]
     mask = None
-    if attn_mask is not None:
-        mask = attn_mask.expand(b, h, lq, lk)  # a view: stride 0 along broadcast dims, no copy
+    if attn_mask is not None:  # 4-D view; the kernels broadcast it through strides (no copy), and its
+        mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # gradient comes back in its own shape
     scale = e ** -0.5 if scale is None else scale
     causal_offset = 0 if causal_alignment == "top_left" else lk - lq
     allow_tf32 = query.dtype == torch.float32 and query.is_cuda and torch.backends.cuda.matmul.allow_tf32

@@ -1,0 +1,68 @@
+"""Choosing a launch config among a kernel's small candidate set by timing it on the GPU.
+
+Each launcher lists a few tile configs per dtype class and head size (all compiled ahead of time
+in tests/test_compile.py); the first time a problem of a new kind runs, :func:`pick` times each
+candidate with ``triton.testing.do_bench`` and remembers the fastest for that kind. The kind
+(``key``) holds everything that changes which tile wins: kernel, dtype, head sizes, the variant
+flags, and power-of-two buckets of the sequence lengths and of batch x heads, so varying lengths
+do not retune on every call.
+
+This sits in the launchers rather than in ``triton.autotune`` because the latter keys only on
+kernel arguments (the length buckets would need dummy arguments) and because the backward's
+atomically accumulated mask gradient must be cleared after the timed runs, which the launcher
+knows how to do; it also behaves the same on every triton from 3.6 to 3.9.
+
+``ATTN_FAST_AUTOTUNE=0`` turns timing off: every launch takes its first candidate (no warm-up
+cost, and the same config on every run, for CUDA-graph capture or bitwise reproducibility across
+processes).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Hashable, Sequence, Tuple
+
+import triton
+
+__all__ = ["Config", "bench", "bucket", "clear_cache", "enabled", "pick"]
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+Config = Tuple[int, int, int, int]
+
+_CACHE: Dict[Hashable, Config] = {}
+
+
+def enabled() -> bool:
+    """Whether :func:`pick` times candidates (``ATTN_FAST_AUTOTUNE``, default on)."""
+    return os.environ.get("ATTN_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (at least 16): the tuning key of a length or a count."""
+    return max(16, triton.next_power_of_2(max(1, n)))
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn()``: a short timing (a tuning step, not a benchmark)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], object]) -> Config:
+    """The fastest of ``candidates`` for problems of kind ``key``; ``launch(cfg)`` runs the kernel(s)
+    with ``cfg`` on the caller's real arguments (so its outputs are overwritten by the caller's own
+    launch afterwards). Timed once per key and process; with one candidate, or tuning off, the
+    first candidate."""
+    if len(candidates) == 1 or not enabled():
+        return candidates[0]
+    cfg = _CACHE.get(key)
+    if cfg is None:
+        times = [bench(lambda c=c: launch(c)) for c in candidates]
+        cfg = candidates[min(range(len(times)), key=times.__getitem__)]
+        _CACHE[key] = cfg
+    return cfg
+
+
+def clear_cache() -> None:
+    """Forget every choice (the next launch of each kind times its candidates again)."""
+    _CACHE.clear()
