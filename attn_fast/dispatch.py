@@ -26,7 +26,7 @@ ENV_VAR = "ATTN_FAST_BACKEND"
 #: the op's Triton path is reachable from the public API.
 OPS: Dict[str, bool] = {
     "scaled_dot_product_attention": True,
-    "squeeze_excite": False,
+    "squeeze_excite": True,
     "cbam": False,
 }
 

@@ -1,20 +1,132 @@
-"""Squeeze-and-excitation op: dispatch to the Triton kernels or the reference."""
+"""Squeeze-and-excitation op: the registered differentiable Triton op and its dispatch.
+
+``attn_fast::se_fwd`` and ``attn_fast::se_bwd`` are ``torch.library.custom_op``s (opaque to the
+compiler, with fake implementations). The heavy passes over x and dy are Triton kernels
+(kernels/squeeze_excite.py); the MLP forward is a Triton GEMM with fused bias and activation, and
+its backward, on (N, C)-sized tensors, runs inside ``se_bwd`` with torch ops in fp32 (the exact
+derivatives torch defines for each activation and gate).
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import reference
 from ..dispatch import route
 
 OP = "squeeze_excite"
+_FWD_OUTPUTS = ("y", "z", "zmax", "pre1", "h", "pre2", "s")
+
+
+@torch.library.custom_op("attn_fast::se_fwd", mutates_args=())
+def se_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
+           fc2_bias: Optional[Tensor], activation: str, gate: str,
+           pool: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, zmax, pre1, h, pre2, s) from the Triton forward (kernels.squeeze_excite.se_forward)."""
+    from ..kernels.squeeze_excite import se_forward
+
+    out = se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)
+    return tuple(out[k] for k in _FWD_OUTPUTS)
+
+
+@se_fwd.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool):
+    n, c = x.shape[:2]
+    cr = fc1_weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    hidden = (n, cr) if fc2_weight is not None else (0,)
+    return (torch.empty_like(x), x.new_empty((n, c), **f32), x.new_empty((n, c) if pool == "avgmax" else (0,), **f32),
+            x.new_empty(hidden, **f32), x.new_empty(hidden, **f32), x.new_empty((n, c), **f32),
+            x.new_empty((n, c), **f32))
+
+
+@torch.library.custom_op("attn_fast::se_bwd", mutates_args=())
+def se_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
+           fc2_bias: Optional[Tensor], z: Tensor, zmax: Tensor, pre1: Tensor, h: Tensor, pre2: Tensor, s: Tensor,
+           activation: str, gate: str, pool: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); absent parameters get empty tensors."""
+    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+    g, cnt = se_reduce_grad(dy, x, zmax)                     # dL/ds, (N, C) fp32
+    dpre2 = _vjp(gate, pre2, g)
+    w1 = fc1_weight.reshape(fc1_weight.shape[0], -1).float()
+    if fc2_weight is not None:
+        w2 = fc2_weight.reshape(fc2_weight.shape[0], -1).float()
+        dw2, db2 = dpre2.t() @ h, dpre2.sum(0)
+        dpre1 = _vjp(activation, pre1, dpre2 @ w2)
+    else:
+        dpre1 = dpre2
+    dw1, db1 = dpre1.t() @ z, dpre1.sum(0)
+    dz = dpre1 @ w1                                          # (N, C)
+    hw = x.shape[2] * x.shape[3]
+    if pool == "avgmax":
+        dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
+    else:
+        dz_avg, dz_max = dz / hw, dz.new_empty((0,))
+    dx = se_grad_input(dy, x, s, dz_avg.contiguous(), dz_max.contiguous(), zmax)
+    def empty():  # a fresh one each time: the op's outputs must not alias each other
+        return x.new_empty((0,))
+
+    return (dx, dw1.reshape(fc1_weight.shape).to(fc1_weight.dtype),
+            empty() if fc1_bias is None else db1.to(fc1_bias.dtype),
+            empty() if fc2_weight is None else dw2.reshape(fc2_weight.shape).to(fc2_weight.dtype),
+            empty() if fc2_bias is None else db2.to(fc2_bias.dtype))
+
+
+@se_bwd.register_fake
+def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, zmax, pre1, h, pre2, s, activation, gate, pool):
+    def like(t):
+        return x.new_empty((0,)) if t is None else torch.empty_like(t)
+
+    return torch.empty_like(x), torch.empty_like(fc1_weight), like(fc1_bias), like(fc2_weight), like(fc2_bias)
+
+
+_aten = torch.ops.aten
+#: grad * f'(pre) for every activation and gate, by torch's own backward kernels (so the derivative at
+#: every point, kinks included, is the one autograd gives the reference).
+_DERIVATIVES = {
+    "identity": lambda g, pre: g,
+    "relu": lambda g, pre: _aten.threshold_backward(g, pre, 0),
+    "relu6": lambda g, pre: _aten.hardtanh_backward(g, pre, 0.0, 6.0),
+    "silu": lambda g, pre: _aten.silu_backward(g, pre),
+    "gelu": lambda g, pre: _aten.gelu_backward(g, pre, approximate="none"),
+    "gelu_tanh": lambda g, pre: _aten.gelu_backward(g, pre, approximate="tanh"),
+    "hardswish": lambda g, pre: _aten.hardswish_backward(g, pre),
+    "sigmoid": lambda g, pre: _aten.sigmoid_backward(g, torch.sigmoid(pre)),
+    "hardsigmoid": lambda g, pre: _aten.hardsigmoid_backward(g, pre),
+}
+
+
+def _vjp(name: str, pre: Tensor, grad: Tensor) -> Tensor:
+    """grad * f'(pre) for the activation or gate called ``name`` ((N, K) fp32 tensors)."""
+    return _DERIVATIVES[name](grad, pre)
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool = inputs
+    _, z, zmax, pre1, h, pre2, s = output
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, zmax, pre1, h, pre2, s)
+    ctx.args = (activation, gate, pool)
+
+
+def _backward(ctx, dy, *unused):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, zmax, pre1, h, pre2, s = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = se_bwd(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, zmax, pre1, h, pre2, s,
+                                    *ctx.args)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dw1 if need[1] else None, db1 if need[2] else None,
+            dw2 if need[3] else None, db2 if need[4] else None, None, None, None)
+
+
+se_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
                    fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str) -> Tensor:
     path = route(OP, x.device, x.dtype)
-    # The Triton kernels plug in here when path.path == "triton" (issue 4).
-    del path
-    return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                    activation=activation, gate=gate, pool=pool)
+    if path.path == "reference":
+        return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                        activation=activation, gate=gate, pool=pool)
+    return se_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)[0]

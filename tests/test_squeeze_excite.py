@@ -1,0 +1,175 @@
+"""The fused squeeze-and-excitation kernels through the public function (interpreted on the CPU,
+native on a GPU): outputs, input and parameter gradients against the float64 reference by the
+numerics rule, both memory formats, every activation and gate, odd shapes, poisoned outputs."""
+import warnings
+
+import pytest
+import torch
+
+import attn_fast
+from attn_fast import dispatch, reference
+from attn_fast.kernels import squeeze_excite as se_module
+from numerics import check_op, rand
+
+se = attn_fast.squeeze_excite
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element a kernel never writes fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(se_module.torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(se_module.torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def kernels_must_run(device):
+    r = dispatch.route("squeeze_excite", device, torch.float16, warn=False)
+    assert r.path == "triton", r.reason
+
+
+def make(n, c, h, w, cr, dtype=torch.float32, device="cpu", channels_last=False, single=False, bias=True):
+    x = rand(n, c, h, w, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if single:  # timm EffectiveSE: one (C, C) fc
+        inputs = dict(x=x, fc1_weight=rand(c, c, dtype=dtype, device=device, scale=0.3))
+        if bias:
+            inputs["fc1_bias"] = rand(c, dtype=dtype, device=device)
+        return inputs
+    inputs = dict(x=x, fc1_weight=rand(cr, c, dtype=dtype, device=device, scale=0.3),
+                  fc2_weight=rand(c, cr, dtype=dtype, device=device, scale=0.3))
+    if bias:
+        inputs.update(fc1_bias=rand(cr, dtype=dtype, device=device), fc2_bias=rand(c, dtype=dtype, device=device))
+    return inputs
+
+
+def check(inputs, **kw):
+    grads = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the reference
+        results = check_op(se, reference.squeeze_excite, {**inputs, **kw}, grad=grads)
+    x = inputs["x"]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    assert se(**inputs, **kw).is_contiguous(memory_format=fmt), "output memory format differs from x's"
+    return results
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_dtypes_layouts_pools(dtype, device, channels_last, pool):
+    check(make(2, 24, 5, 7, 6, dtype=dtype, device=device, channels_last=channels_last), pool=pool)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish", "identity"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+def test_activations_and_gates(activation, gate, device):
+    check(make(2, 20, 3, 4, 5, device=device), activation=activation, gate=gate)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (3, 40, 1, 1, 8), (2, 7, 13, 1, 3), (1, 130, 2, 3, 9),
+                                   (2, 17, 19, 23, 4)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_odd_shapes(shape, channels_last, device):
+    check(make(*shape, dtype=torch.float16, device=device, channels_last=channels_last), activation="silu")
+
+
+@pytest.mark.parametrize("dtype_case", [torch.float32, torch.bfloat16])
+def test_single_fc_effective_se(dtype_case, device):
+    check(make(2, 20, 4, 4, 0, dtype=dtype_case, device=device, single=True), gate="hardsigmoid")
+    check(make(2, 20, 4, 4, 0, device=device, single=True, bias=False, channels_last=True), gate="hardsigmoid",
+          pool="avgmax")
+
+
+def test_no_biases_and_conv_weights(device):
+    inputs = make(2, 24, 6, 5, 6, device=device, bias=False)
+    inputs["fc1_weight"] = inputs["fc1_weight"][:, :, None, None]   # 1x1 conv weights, as in torchvision
+    inputs["fc2_weight"] = inputs["fc2_weight"][:, :, None, None]
+    check(inputs, activation="hardswish")
+
+
+def test_other_strides_are_copied_and_still_right(device):
+    inputs = make(2, 24, 6, 10, 6, device=device)
+    inputs["x"] = inputs["x"][:, :, :, ::2]   # neither NCHW- nor channels_last-contiguous
+    check(inputs)
+
+
+def test_max_pool_ties_share_the_gradient(device):
+    """Equal maxima in a channel split the max-pool gradient evenly, as torch's amax does."""
+    inputs = make(2, 8, 4, 4, 4, device=device)
+    x = inputs["x"]
+    x[:, :, 0, 0] = 3.0
+    x[:, :, 2, 1] = 3.0
+    check(inputs, pool="avgmax")
+
+
+def test_sample_groups_for_l2(device, monkeypatch):
+    """The launcher runs the passes over groups of samples (so a group's x is still in L2 for the
+    second pass); with one sample per group the result is the same."""
+    monkeypatch.setattr(se_module, "SAMPLE_GROUP_BYTES", 1)
+    check(make(3, 24, 5, 5, 6, device=device, channels_last=True), pool="avgmax")
+    check(make(3, 20, 4, 4, 0, device=device, single=True), gate="hardsigmoid")
+
+
+def test_parameter_gradients_only(device):
+    """x without requires_grad: the weights still get theirs (and dx is not needed)."""
+    inputs = make(2, 16, 3, 3, 4, device=device)
+    w = inputs["fc1_weight"].clone().requires_grad_(True)
+    y = se(inputs["x"], w, inputs["fc1_bias"], inputs["fc2_weight"], inputs["fc2_bias"])
+    y.sum().backward()
+    w64 = inputs["fc1_weight"].double().requires_grad_(True)
+    reference.squeeze_excite(inputs["x"].double(), w64, inputs["fc1_bias"].double(), inputs["fc2_weight"].double(),
+                             inputs["fc2_bias"].double()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_rounding_under_the_interpreter_is_to_nearest(device):
+    """The interpreter truncates fp32 -> bf16 casts; the kernels round to nearest themselves there
+    (kernels/interpreter.py), so y = x * s is within half a bf16 ulp of the exact product."""
+    inputs = make(2, 16, 8, 8, 4, dtype=torch.bfloat16, device=device)
+    out = se_module.se_forward(inputs["x"], inputs["fc1_weight"], inputs["fc1_bias"], inputs["fc2_weight"],
+                               inputs["fc2_bias"], "relu", "sigmoid", "avg")
+    exact = inputs["x"].double() * out["s"].double()[:, :, None, None]
+    _, exponent = torch.frexp(exact)          # exact = m * 2**exponent, 0.5 <= |m| < 1
+    half_ulp = torch.ldexp(torch.ones_like(exact), exponent - 9)   # bf16 keeps 8 significant bits
+    err = (out["y"].double() - exact).abs()
+    assert (err <= half_ulp).all(), (err / half_ulp).max()
+
+
+def test_torch_compile_fullgraph(device):
+    inputs = make(2, 16, 4, 4, 4, device=device)
+
+    def f(x, w1, b1, w2, b2):
+        return se(x, w1, b1, w2, b2, activation="silu").square().sum()
+
+    args = [inputs[k].clone().requires_grad_(True) for k in ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+    out.backward()
+    args2 = [a.detach().clone().requires_grad_(True) for a in args]
+    f(*args2).backward()
+    torch.testing.assert_close(out, f(*args2))
+    for a, b in zip(args, args2):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_fake_tensors_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+        outs = torch.ops.attn_fast.se_fwd(x, torch.empty(4, 16), None, torch.empty(16, 4), None, "relu", "sigmoid",
+                                          "avgmax")
+    assert outs[0].shape == x.shape and outs[0].is_contiguous(memory_format=torch.channels_last)
+    assert [tuple(o.shape) for o in outs[1:]] == [(2, 16), (2, 16), (2, 4), (2, 4), (2, 16), (2, 16)]
+
+
+def test_gradcheck_cpu_path_float64():
+    inputs = {k: v.double().requires_grad_(True) for k, v in make(1, 6, 2, 3, 2).items()}
+    args = tuple(inputs[k] for k in ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
+    assert torch.autograd.gradcheck(lambda x, w1, b1, w2, b2: se(x, w1, b1, w2, b2, activation="silu"), args)
