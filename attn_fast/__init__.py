@@ -49,12 +49,14 @@ _map_source_tree()
 
 from . import dispatch, numerics, ops, reference  # noqa: E402
 from .dispatch import get_backend, set_backend  # noqa: E402
-from .functional import cbam, scaled_dot_product_attention, squeeze_excite  # noqa: E402
+from .functional import (  # noqa: E402
+    cbam, efficient_channel_attention, scaled_dot_product_attention, squeeze_excite)
 
 __all__ = [
     "__version__",
     "scaled_dot_product_attention",
     "squeeze_excite",
+    "efficient_channel_attention",
     "cbam",
     "set_backend",
     "get_backend",

@@ -27,6 +27,7 @@ ENV_VAR = "ATTN_FAST_BACKEND"
 OPS: Dict[str, bool] = {
     "scaled_dot_product_attention": True,
     "squeeze_excite": True,
+    "efficient_channel_attention": True,
     "cbam": False,
 }
 

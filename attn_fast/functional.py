@@ -12,7 +12,7 @@ from ._validate import (
     FLOAT_DTYPES, check_choice, check_probability, check_same, check_scale, check_shape, check_tensor)
 from .reference import ACTIVATIONS, CAUSAL_ALIGNMENTS, GATES, POOLS, SPATIAL_ORDERS
 
-__all__ = ["scaled_dot_product_attention", "squeeze_excite", "cbam", "MAX_HEAD_DIM"]
+__all__ = ["scaled_dot_product_attention", "squeeze_excite", "efficient_channel_attention", "cbam", "MAX_HEAD_DIM"]
 
 #: Largest query/key and value head size the kernels take (on every device, so a model that runs
 #: on the CPU path also runs on a GPU).
@@ -165,6 +165,27 @@ def squeeze_excite(
     check_choice(fn, "pool", pool, POOLS)
     return ops.squeeze_excite.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                              activation, gate, pool)
+
+
+def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "sigmoid") -> Tensor:
+    r"""Fused ECA (efficient channel attention): y = x * gate(conv1d_k(mean_hw(x))), a 1-D convolution
+    across channels (no bias, zero padding (k - 1) // 2) in place of SE's MLP; timm's ``EcaModule``.
+
+    Args:
+        x (Tensor): (N, C, H, W), NCHW or channels_last; the output has x's memory format.
+        conv_weight (Tensor): (1, 1, k) or (k,), k odd (timm's ``conv.weight``).
+        gate (str): sigmoid or hardsigmoid.
+    """
+    fn = "efficient_channel_attention"
+    _check_image(fn, x)
+    check_tensor(fn, "conv_weight", conv_weight, ndims=(1, 3))
+    k = conv_weight.shape[-1]
+    if conv_weight.numel() != k or k % 2 == 0:
+        raise ValueError(f"{fn}: conv_weight must have shape (1, 1, k) or (k,) with k odd, "
+                         f"got {tuple(conv_weight.shape)}")
+    check_same(fn, ("x", x), ("conv_weight", conv_weight))
+    check_choice(fn, "gate", gate, tuple(GATES))
+    return ops.squeeze_excite.efficient_channel_attention(x, conv_weight, gate)
 
 
 def cbam(

@@ -40,6 +40,8 @@ NCHW_TILE = (16, 128, 4)
 NHWC_TILE = (64, 32, 4)
 #: The MLP's GEMM tile (BLOCK_M samples, BLOCK_N outputs, BLOCK_K inputs, num_warps).
 FC_TILE = (16, 64, 32, 4)
+#: Channels per program of ECA's 1-D convolution.
+ECA_BLOCK_C = 128
 
 
 @triton.jit
@@ -125,6 +127,22 @@ def _se_fc(
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(P + offs, acc, mask=ok)
     tl.store(Y + offs, _activation(acc, ACT), mask=ok)
+
+
+# One program computes BLOCK_C gates of one sample for ECA: pre = sum_j w[j] * z[c + j - (TAPS-1)/2]
+# (zero padded), s = act(pre). Reads BLOCK_C + TAPS - 1 pooled values and the TAPS weights; writes
+# two fp32 vectors.
+@triton.jit
+def _eca_conv(Z, W, P, S, C, TAPS: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(1).to(tl.int64)
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(TAPS):
+        src = cs + (j - (TAPS - 1) // 2)
+        z = tl.load(Z + n * C + src, mask=(src >= 0) & (src < C), other=0.0)
+        acc += tl.load(W + j).to(tl.float32) * z
+    tl.store(P + n * C + cs, acc, mask=cs < C)
+    tl.store(S + n * C + cs, _activation(acc, ACT), mask=cs < C)
 
 
 # One program scales a BLOCK_C x BLOCK_HW tile of one sample: y = x * s[n, c]. Reads the tile and
@@ -254,10 +272,44 @@ def fc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act:
 def se_forward(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
                fc2_weight: Optional[torch.Tensor], fc2_bias: Optional[torch.Tensor], activation: str,
                gate: str, pool: str) -> Dict[str, torch.Tensor]:
-    """Run the forward. Returns y (like x, in x's memory format) and what the backward needs:
+    """Run the SE forward. Returns y (like x, in x's memory format) and what the backward needs:
     z (N, C) pooled, zmax (N, C) with pool="avgmax" (else empty), pre1/h (N, Cr) fc1's output before
     and after the activation (empty with a single fc), pre2 (N, C) the gate's input, s (N, C) the gate;
     all fp32."""
+    def excite(zg):
+        if fc2_weight is None:
+            pre2, s = fc(zg, fc1_weight, fc1_bias, gate)
+            return dict(pre2=pre2, s=s)
+        pre1, h = fc(zg, fc1_weight, fc1_bias, activation)
+        pre2, s = fc(h, fc2_weight, fc2_bias, gate)
+        return dict(pre1=pre1, h=h, pre2=pre2, s=s)
+
+    return squeeze_excite_scale(x, pool, excite, ("pre1", "h", "pre2", "s"))
+
+
+def eca_forward(x: torch.Tensor, conv_weight: torch.Tensor, gate: str) -> Dict[str, torch.Tensor]:
+    """Run the ECA forward: y = x * gate(conv1d_k(mean_hw(x))) across channels (zero padding
+    (k - 1) // 2, no bias). Returns y, z (N, C) pooled, pre (N, C) the gate's input, s (N, C)."""
+    k = conv_weight.numel()
+    w = conv_weight.reshape(k)
+
+    def excite(zg):
+        m, c = zg.shape
+        pre = torch.empty((m, c), device=x.device, dtype=torch.float32)
+        s = torch.empty((m, c), device=x.device, dtype=torch.float32)
+        _eca_conv[(triton.cdiv(c, ECA_BLOCK_C), m)](zg, w, pre, s, c, TAPS=k, ACT=ACT_CODES[gate],
+                                                    BLOCK_C=ECA_BLOCK_C)
+        return dict(pre=pre, s=s)
+
+    out = squeeze_excite_scale(x, "avg", excite, ("pre", "s"))
+    del out["zmax"]
+    return out
+
+
+def squeeze_excite_scale(x: torch.Tensor, pool: str, excite, keys) -> Dict[str, torch.Tensor]:
+    """The passes every channel-attention op shares: pool x per sample and channel, ``excite`` the
+    pooled (samples, C) fp32 rows into a dict holding the gate ``s`` (and what the backward needs, under
+    ``keys``), then y = x * s. Runs sample group by sample group (SAMPLE_GROUP_BYTES)."""
     xs, (sn, sc, shw), cl = as_nc_hw(x)
     n, c, hh, ww = x.shape
     hw = hh * ww
@@ -265,36 +317,24 @@ def se_forward(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[tor
     with_max = pool == "avgmax"
     z = torch.empty((n, c), device=x.device, dtype=torch.float32)
     zmax = torch.empty((n, c) if with_max else (0,), device=x.device, dtype=torch.float32)
-    def empty():  # a fresh one each time: the op's outputs must not alias each other
-        return x.new_empty((0,), dtype=torch.float32)
-
-    out = dict(y=y, z=z, zmax=zmax, pre1=empty(), h=empty(), pre2=empty(), s=empty())
-    if y.numel() == 0:
-        return out
+    out = dict(y=y, z=z, zmax=zmax)
+    parts: Dict[str, list] = {key: [] for key in keys}
     bc, bhw, warps = _tile(cl)
-    per_sample = c * hw * x.element_size()
-    for lo, hi in _groups(n, per_sample):
+    for lo, hi in _groups(n, c * hw * x.element_size()) if y.numel() else ():
         xg = xs[lo:hi]
         _se_pool[(triton.cdiv(c, bc), hi - lo)](
             xg, z[lo:], zmax[lo:] if with_max else z, c, hw, sn, sc, shw, 1.0 / hw,
             WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
-        zg = z[lo:hi]
-        if fc2_weight is not None:
-            pre1, h = fc(zg, fc1_weight, fc1_bias, activation)
-            pre2, s = fc(h, fc2_weight, fc2_bias, gate)
-        else:
-            pre1, h = empty(), empty()
-            pre2, s = fc(zg, fc1_weight, fc1_bias, gate)
+        got = excite(z[lo:hi])
         _se_scale[(triton.cdiv(hw, bhw), triton.cdiv(c, bc), hi - lo)](
-            xg, s, y[lo:hi], c, hw, sn, sc, shw, sn, sc, shw, BLOCK_C=bc, BLOCK_HW=bhw,
+            xg, got["s"], y[lo:hi], c, hw, sn, sc, shw, sn, sc, shw, BLOCK_C=bc, BLOCK_HW=bhw,
             BF16_RNE=needs_bf16_rne(x.dtype), num_warps=warps)
-        for key, val in (("pre1", pre1), ("h", h), ("pre2", pre2), ("s", s)):
-            out.setdefault("_" + key, []).append(val)
-    for key in ("pre1", "h", "pre2", "s"):
-        parts = out.pop("_" + key)
-        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if fc2_weight is None:
-        out["pre1"], out["h"] = empty(), empty()
+        for key in keys:
+            if key in got:
+                parts[key].append(got[key])
+    for key, got in parts.items():  # a fresh empty for each missing one: op outputs must not alias
+        out[key] = (got[0] if len(got) == 1 else torch.cat(got)) if got else \
+            x.new_empty((0,), dtype=torch.float32)
     return out
 
 
@@ -381,6 +421,10 @@ def _aot_cases():
                                  dict(ACT=ACT_CODES[act], HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                                  num_warps=warps, num_stages=2, uses_dot=True, expect_wgmma=False,
                                  core=tname == "fp16" and act == "gelu"))
+        sig = signature_of(_eca_conv, {"Z": "*fp32", "W": t, "P": "*fp32", "S": "*fp32"})
+        cases.append(AOTCase(f"eca_conv[{tname},k5,{ECA_BLOCK_C}]", _eca_conv, sig,
+                             dict(TAPS=5, ACT=ACT_CODES["sigmoid"], BLOCK_C=ECA_BLOCK_C), num_warps=4,
+                             num_stages=1, core=tname == "fp16"))
     return cases
 
 

@@ -173,3 +173,38 @@ def test_gradcheck_cpu_path_float64():
     inputs = {k: v.double().requires_grad_(True) for k, v in make(1, 6, 2, 3, 2).items()}
     args = tuple(inputs[k] for k in ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
     assert torch.autograd.gradcheck(lambda x, w1, b1, w2, b2: se(x, w1, b1, w2, b2, activation="silu"), args)
+
+
+eca = attn_fast.efficient_channel_attention
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_eca_matches_reference(dtype, device, channels_last, k):
+    x = rand(2, 37, 5, 3, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = dict(x=x, conv_weight=rand(1, 1, k, dtype=dtype, device=device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_op(eca, reference.efficient_channel_attention, inputs, grad=("x", "conv_weight"))
+    assert eca(**inputs).is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_eca_hardsigmoid_flat_weight_and_groups(device, monkeypatch):
+    monkeypatch.setattr(se_module, "SAMPLE_GROUP_BYTES", 1)
+    inputs = dict(x=rand(3, 300, 2, 2, device=device), conv_weight=rand(7, device=device))
+    check_op(eca, reference.efficient_channel_attention, {**inputs, "gate": "hardsigmoid"},
+             grad=("x", "conv_weight"))
+
+
+def test_eca_bad_input():
+    x = rand(2, 8, 3, 3)
+    with pytest.raises(ValueError, match="conv_weight must have shape"):
+        eca(x, rand(1, 1, 4))
+    with pytest.raises(ValueError, match="conv_weight must have shape"):
+        eca(x, rand(2, 1, 3))
+    with pytest.raises(ValueError, match="gate"):
+        eca(x, rand(3), gate="relu")
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        eca(rand(8, 3), rand(3))

@@ -17,6 +17,7 @@ from .. import reference
 from ..dispatch import route
 
 OP = "squeeze_excite"
+ECA_OP = "efficient_channel_attention"
 _FWD_OUTPUTS = ("y", "z", "zmax", "pre1", "h", "pre2", "s")
 
 
@@ -121,6 +122,68 @@ def _backward(ctx, dy, *unused):
 
 
 se_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("attn_fast::eca_fwd", mutates_args=())
+def eca_fwd(x: Tensor, conv_weight: Tensor, gate: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, pre, s) from the Triton ECA forward (kernels.squeeze_excite.eca_forward)."""
+    from ..kernels.squeeze_excite import eca_forward
+
+    out = eca_forward(x, conv_weight, gate)
+    return out["y"], out["z"], out["pre"], out["s"]
+
+
+@eca_fwd.register_fake
+def _(x, conv_weight, gate):
+    n, c = x.shape[:2]
+    return (torch.empty_like(x),) + tuple(x.new_empty((n, c), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("attn_fast::eca_bwd", mutates_args=())
+def eca_bwd(dy: Tensor, x: Tensor, conv_weight: Tensor, z: Tensor, pre: Tensor, s: Tensor,
+            gate: str) -> Tuple[Tensor, Tensor]:
+    """(dx, d conv_weight): the passes over dy and x in Triton, the 1-D convolution's backward
+    (transposed convolution and weight gradient) with torch ops in fp32 on (N, C) tensors."""
+    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+    k = conv_weight.numel()
+    empty = x.new_empty((0,), dtype=torch.float32)
+    g, _ = se_reduce_grad(dy, x, empty)
+    dpre = _vjp(gate, pre, g)[:, None, :]                    # (N, 1, C)
+    w = conv_weight.reshape(1, 1, k).float()
+    dz = torch.nn.functional.conv_transpose1d(dpre, w, padding=(k - 1) // 2)[:, 0]
+    dw = torch.nn.grad.conv1d_weight(z[:, None, :], w.shape, dpre, padding=(k - 1) // 2)
+    dx = se_grad_input(dy, x, s, (dz / (x.shape[2] * x.shape[3])).contiguous(), empty, empty.clone())
+    return dx, dw.reshape(conv_weight.shape).to(conv_weight.dtype)
+
+
+@eca_bwd.register_fake
+def _(dy, x, conv_weight, z, pre, s, gate):
+    return torch.empty_like(x), torch.empty_like(conv_weight)
+
+
+def _eca_setup_context(ctx, inputs, output):
+    x, conv_weight, gate = inputs
+    _, z, pre, s = output
+    ctx.save_for_backward(x, conv_weight, z, pre, s)
+    ctx.gate = gate
+
+
+def _eca_backward(ctx, dy, *unused):
+    x, conv_weight, z, pre, s = ctx.saved_tensors
+    dx, dw = eca_bwd(dy, x, conv_weight, z, pre, s, ctx.gate)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, dw if need[1] else None, None
+
+
+eca_fwd.register_autograd(_eca_backward, setup_context=_eca_setup_context)
+
+
+def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
+    path = route(ECA_OP, x.device, x.dtype)
+    if path.path == "reference":
+        return reference.efficient_channel_attention(x, conv_weight, gate=gate)
+    return eca_fwd(x, conv_weight, gate)[0]
 
 
 def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
