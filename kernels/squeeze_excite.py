@@ -12,6 +12,10 @@ along its contiguous dimension:
   the op layer, on (N, C) tensors), and ``_se_bwd_dx`` (dx = dy * s + dz / HW, plus the max-pool
   share). Two reads of dy, one of x, one write of dx.
 
+ECA (timm's EcaModule) shares the pool and scale passes (``squeeze_excite_scale``) with ``_eca_conv``
+(the 1-D convolution across channels plus the gate) in place of the MLP, and the same backward
+passes.
+
 The launchers run the passes over groups of samples whose x fits in a share of the L2 cache, so the
 second read of x (and of dy) comes from L2 rather than HBM (SAMPLE_GROUP_BYTES).
 """
