@@ -208,3 +208,61 @@ def test_eca_bad_input():
         eca(x, rand(3), gate="relu")
     with pytest.raises(ValueError, match="x must be 4-D"):
         eca(rand(8, 3), rand(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real torchvision / timm layers: their parameters through the public functions,
+# compared with the module itself (run on the same parameters via functional_call) by the rule.
+# ---------------------------------------------------------------------------------------------
+
+def _against_module(module, fast, x):
+    params = {name: p.detach().to(x.dtype) for name, p in module.named_parameters()}
+
+    def ref(x, **p):
+        return torch.func.functional_call(module, p, (x,))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_op(fast, ref, {"x": x, **params}, grad=["x", *params])
+
+
+def _tv_se(act, gate):
+    return lambda x, **p: se(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], activation=act,
+                             gate=gate)
+
+
+@pytest.mark.parametrize("act,gate,channels_last", [("relu", "sigmoid", False), ("hardswish", "hardsigmoid", True)])
+def test_torchvision_squeeze_excitation_module(act, gate, channels_last, dtype, device):
+    tv = pytest.importorskip("torchvision")
+    acts = {"relu": torch.nn.ReLU, "hardswish": torch.nn.Hardswish}
+    gates = {"sigmoid": torch.nn.Sigmoid, "hardsigmoid": torch.nn.Hardsigmoid}
+    module = tv.ops.SqueezeExcitation(24, 8, activation=acts[act], scale_activation=gates[gate]).to(device)
+    x = rand(2, 24, 5, 6, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _against_module(module, _tv_se(act, gate), x)
+
+
+@pytest.mark.parametrize("add_maxpool", [False, True])
+def test_timm_se_and_effective_se_modules(add_maxpool, device):
+    timm = pytest.importorskip("timm")
+    x = rand(2, 32, 4, 5, device=device)
+    pool = "avgmax" if add_maxpool else "avg"
+    module = timm.layers.SEModule(32, add_maxpool=add_maxpool, act_layer=torch.nn.SiLU).to(device)
+    _against_module(module, lambda x, **p: se(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"],
+                                              activation="silu", pool=pool), x)
+    module = timm.layers.EffectiveSEModule(32, add_maxpool=add_maxpool).to(device)
+    _against_module(module, lambda x, **p: se(x, p["fc.weight"], p["fc.bias"], gate="hardsigmoid", pool=pool), x)
+
+
+def test_timm_efficientnet_squeeze_excite_and_eca_modules(device):
+    pytest.importorskip("timm")
+    import timm
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    x = rand(2, 40, 3, 7, dtype=torch.bfloat16, device=device).contiguous(memory_format=torch.channels_last)
+    module = SqueezeExcite(40, rd_ratio=0.25, act_layer=torch.nn.SiLU).to(device)
+    _against_module(module, lambda x, **p: se(x, p["conv_reduce.weight"], p["conv_reduce.bias"],
+                                              p["conv_expand.weight"], p["conv_expand.bias"], activation="silu"), x)
+    module = timm.layers.EcaModule(kernel_size=5).to(device)
+    _against_module(module, lambda x, **p: eca(x, p["conv.weight"]), x)
