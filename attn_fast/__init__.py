@@ -47,7 +47,7 @@ def _map_source_tree() -> None:
 
 _map_source_tree()
 
-from . import dispatch, numerics, ops, reference  # noqa: E402
+from . import dispatch, nn, numerics, ops, reference  # noqa: E402
 from .dispatch import get_backend, set_backend  # noqa: E402
 from .functional import (  # noqa: E402
     cbam, efficient_channel_attention, scaled_dot_product_attention, squeeze_excite)
@@ -61,6 +61,7 @@ __all__ = [
     "set_backend",
     "get_backend",
     "dispatch",
+    "nn",
     "numerics",
     "reference",
 ]

@@ -2,7 +2,7 @@
 picks the Triton kernels or the PyTorch reference (attn_fast.dispatch)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -134,8 +134,9 @@ def squeeze_excite(
     activation: str = "relu",
     gate: str = "sigmoid",
     pool: str = "avg",
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
-    r"""Fused squeeze-and-excitation: y = x * gate(fc2(act(fc1(pool_hw(x))))).
+    r"""Fused squeeze-and-excitation: y = x * gate(fc2(act(norm(fc1(pool_hw(x)))))).
 
     Args:
         x (Tensor): (N, C, H, W), NCHW or channels_last; the output has x's memory format.
@@ -147,6 +148,11 @@ def squeeze_excite(
         activation (str): between the fcs: relu, relu6, silu, gelu, gelu_tanh, hardswish, identity.
         gate (str): sigmoid or hardsigmoid.
         pool (str): "avg" (mean over H, W) or "avgmax" (0.5 * mean + 0.5 * max; timm's add_maxpool).
+        norm (callable, optional): a norm layer between fc1 and the activation (timm SEModule's
+            ``norm_layer``), called on an (N, Cr, 1, 1) tensor; needs ``fc2_weight``. A BatchNorm in
+            eval mode is folded into fc1 (fully fused); any other norm (BatchNorm in training mode,
+            which also updates its running statistics) runs in PyTorch between the pooling and
+            scaling kernels, which costs one more pass over x in the backward.
     """
     fn = "squeeze_excite"
     _check_image(fn, x)
@@ -163,8 +169,13 @@ def squeeze_excite(
     check_choice(fn, "activation", activation, tuple(ACTIVATIONS))
     check_choice(fn, "gate", gate, tuple(GATES))
     check_choice(fn, "pool", pool, POOLS)
+    if norm is not None:
+        if not callable(norm):
+            raise TypeError(f"{fn}: norm must be a callable (a norm layer), got {type(norm).__name__}")
+        if fc2_weight is None:
+            raise ValueError(f"{fn}: norm needs a hidden layer (fc2_weight); a single fc has none")
     return ops.squeeze_excite.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                             activation, gate, pool)
+                                             activation, gate, pool, norm)
 
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "sigmoid") -> Tensor:

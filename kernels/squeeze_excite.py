@@ -203,7 +203,9 @@ def _se_bwd_reduce(
 
 
 # One program writes a BLOCK_C x BLOCK_HW tile of dx = dy * s + dz_avg (+ dz_max / count where x is
-# the channel's max): reads the dy tile (and the x tile with WITH_MAX), writes the dx tile.
+# the channel's max): reads the dy tile (and the x tile with WITH_MAX), writes the dx tile. With
+# HAS_DY=False (the pooling's own backward, when the gate is applied by a separate op) dx has no
+# dy * s term and DY is not read.
 @triton.jit
 def _se_bwd_dx(
     DY, X, S, DZavg, DZmax, Zmax,      # S, DZavg, DZmax, Zmax (N, C) fp32; DZavg already / HW
@@ -211,17 +213,20 @@ def _se_bwd_dx(
     C, HW, stride_dn, stride_dc, stride_dhw, stride_xn, stride_xc, stride_xhw,
     stride_gn, stride_gc, stride_ghw,  # DX
     WITH_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BF16_RNE: tl.constexpr = False,
+    HAS_DY: tl.constexpr = True,
 ):
     n = tl.program_id(2).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_ok = cs < C
     ok = c_ok[:, None] & (hw[None, :] < HW)
-    s = tl.load(S + n * C + cs, mask=c_ok, other=0.0)
     dza = tl.load(DZavg + n * C + cs, mask=c_ok, other=0.0)
-    dy = tl.load(DY + n * stride_dn + cs[:, None] * stride_dc + hw[None, :] * stride_dhw, mask=ok,
-                 other=0.0).to(tl.float32)
-    dx = dy * s[:, None] + dza[:, None]
+    dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32) + dza[:, None]
+    if HAS_DY:
+        s = tl.load(S + n * C + cs, mask=c_ok, other=0.0)
+        dy = tl.load(DY + n * stride_dn + cs[:, None] * stride_dc + hw[None, :] * stride_dhw, mask=ok,
+                     other=0.0).to(tl.float32)
+        dx += dy * s[:, None]
     if WITH_MAX:
         dzm = tl.load(DZmax + n * C + cs, mask=c_ok, other=0.0)  # already / count
         m = tl.load(Zmax + n * C + cs, mask=c_ok, other=0.0)
@@ -310,29 +315,40 @@ def eca_forward(x: torch.Tensor, conv_weight: torch.Tensor, gate: str) -> Dict[s
     return out
 
 
+def _pool_into(xg, strides, z, zmax, c: int, hw: int, tile) -> None:
+    """Pool the samples of ``xg`` into the rows of z (and zmax when it is not empty)."""
+    bc, bhw, warps = tile
+    with_max = zmax.numel() > 0
+    _se_pool[(triton.cdiv(c, bc), xg.shape[0])](
+        xg, z, zmax if with_max else z, c, hw, *strides, 1.0 / hw,
+        WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
+
+
+def _scale_into(xg, strides, s, yg, c: int, hw: int, tile) -> None:
+    """yg = xg * s (s: fp32 rows, one per sample of xg); yg strided like xg."""
+    bc, bhw, warps = tile
+    _se_scale[(triton.cdiv(hw, bhw), triton.cdiv(c, bc), xg.shape[0])](
+        xg, s, yg, c, hw, *strides, *strides, BLOCK_C=bc, BLOCK_HW=bhw,
+        BF16_RNE=needs_bf16_rne(xg.dtype), num_warps=warps)
+
+
 def squeeze_excite_scale(x: torch.Tensor, pool: str, excite, keys) -> Dict[str, torch.Tensor]:
     """The passes every channel-attention op shares: pool x per sample and channel, ``excite`` the
     pooled (samples, C) fp32 rows into a dict holding the gate ``s`` (and what the backward needs, under
     ``keys``), then y = x * s. Runs sample group by sample group (SAMPLE_GROUP_BYTES)."""
-    xs, (sn, sc, shw), cl = as_nc_hw(x)
+    xs, strides, cl = as_nc_hw(x)
     n, c, hh, ww = x.shape
     hw = hh * ww
     y = torch.empty_like(xs)  # same strides as xs (memory format preserved)
-    with_max = pool == "avgmax"
     z = torch.empty((n, c), device=x.device, dtype=torch.float32)
-    zmax = torch.empty((n, c) if with_max else (0,), device=x.device, dtype=torch.float32)
+    zmax = torch.empty((n, c) if pool == "avgmax" else (0,), device=x.device, dtype=torch.float32)
     out = dict(y=y, z=z, zmax=zmax)
     parts: Dict[str, list] = {key: [] for key in keys}
-    bc, bhw, warps = _tile(cl)
+    tile = _tile(cl)
     for lo, hi in _groups(n, c * hw * x.element_size()) if y.numel() else ():
-        xg = xs[lo:hi]
-        _se_pool[(triton.cdiv(c, bc), hi - lo)](
-            xg, z[lo:], zmax[lo:] if with_max else z, c, hw, sn, sc, shw, 1.0 / hw,
-            WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
+        _pool_into(xs[lo:hi], strides, z[lo:], zmax[lo:], c, hw, tile)
         got = excite(z[lo:hi])
-        _se_scale[(triton.cdiv(hw, bhw), triton.cdiv(c, bc), hi - lo)](
-            xg, got["s"], y[lo:hi], c, hw, sn, sc, shw, sn, sc, shw, BLOCK_C=bc, BLOCK_HW=bhw,
-            BF16_RNE=needs_bf16_rne(x.dtype), num_warps=warps)
+        _scale_into(xs[lo:hi], strides, got["s"], y[lo:hi], c, hw, tile)
         for key in keys:
             if key in got:
                 parts[key].append(got[key])
@@ -340,6 +356,32 @@ def squeeze_excite_scale(x: torch.Tensor, pool: str, excite, keys) -> Dict[str, 
         out[key] = (got[0] if len(got) == 1 else torch.cat(got)) if got else \
             x.new_empty((0,), dtype=torch.float32)
     return out
+
+
+def channel_pool(x: torch.Tensor, pool: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(z, zmax): the pooled (N, C) fp32 rows of x (mean, or 0.5 * mean + 0.5 * max with
+    pool="avgmax") and the channel maxima (empty unless "avgmax"). One read of x. For the SE layers
+    whose excitation runs in PyTorch (a norm layer inside the MLP); the fused path is se_forward."""
+    xs, strides, cl = as_nc_hw(x)
+    n, c, hh, ww = x.shape
+    z = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    zmax = torch.empty((n, c) if pool == "avgmax" else (0,), device=x.device, dtype=torch.float32)
+    if z.numel() and hh * ww:
+        _pool_into(xs, strides, z, zmax, c, hh * ww, _tile(cl))
+    elif z.numel():  # no positions: the mean of nothing, as torch defines it
+        z.fill_(float("nan"))
+        zmax.fill_(float("nan"))
+    return z, zmax
+
+
+def channel_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y = x * s[:, :, None, None] in x's memory format (s (N, C) fp32). One read and one write of x."""
+    xs, strides, cl = as_nc_hw(x)
+    n, c, hh, ww = x.shape
+    y = torch.empty_like(xs)
+    if y.numel():
+        _scale_into(xs, strides, s.contiguous(), y, c, hh * ww, _tile(cl))
+    return y
 
 
 def se_reduce_grad(dy: torch.Tensor, x: torch.Tensor, zmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -361,13 +403,14 @@ def se_reduce_grad(dy: torch.Tensor, x: torch.Tensor, zmax: torch.Tensor) -> Tup
     return g, cnt
 
 
-def se_grad_input(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, dz_avg: torch.Tensor,
+def se_grad_input(dy: Optional[torch.Tensor], x: torch.Tensor, s: torch.Tensor, dz_avg: torch.Tensor,
                   dz_max: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:
     """dx = dy * s + dz_avg (broadcast over H, W) + dz_max where x equals its channel max; the (N, C)
     inputs are fp32 (dz_avg already divided by H*W, dz_max by the count; both empty-able: dz_max
-    and zmax empty without max pooling). dx has x's memory format."""
+    and zmax empty without max pooling). dx has x's memory format. ``dy=None`` drops the dy * s
+    term (the backward of channel_pool alone; s is then not read)."""
     xs, (sn, sc, shw), cl = as_nc_hw(x)
-    dys, dstr, _ = _like(dy, cl)
+    dys, dstr, _ = _like(dy, cl) if dy is not None else (xs, (sn, sc, shw), cl)
     n, c, hh, ww = x.shape
     hw = hh * ww
     with_max = zmax.numel() > 0
@@ -378,7 +421,8 @@ def se_grad_input(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, dz_avg: to
     _se_bwd_dx[(triton.cdiv(hw, bhw), triton.cdiv(c, bc), n)](
         dys, xs, s, dz_avg, dz_max if with_max else s, zmax if with_max else s, dx,
         c, hw, *dstr, sn, sc, shw, sn, sc, shw,
-        WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, BF16_RNE=needs_bf16_rne(x.dtype), num_warps=warps)
+        WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, BF16_RNE=needs_bf16_rne(x.dtype), HAS_DY=dy is not None,
+        num_warps=warps)
     return dx
 
 
@@ -403,13 +447,14 @@ def _aot_cases():
             unit = ("stride_xhw", "stride_dhw", "stride_yhw", "stride_ghw") if layout == "nchw" else \
                 ("stride_xc", "stride_dc", "stride_yc", "stride_gc")
             core = tname == "fp16"  # the others differ only in the element type (run with --runslow)
+            dx_ptrs = {"DY": t, "X": t, "S": "*fp32", "DZavg": "*fp32", "DZmax": "*fp32", "Zmax": "*fp32", "DX": t}
             for name, fn, ptrs, extra in (
                     ("se_pool", _se_pool, {"X": t, "Z": "*fp32", "Zmax": "*fp32"}, {"WITH_MAX": True}),
                     ("se_scale", _se_scale, {"X": t, "S": "*fp32", "Y": t}, {"BF16_RNE": False}),
                     ("se_bwd_reduce", _se_bwd_reduce, {"DY": t, "X": t, "Zmax": "*fp32", "G": "*fp32",
                                                        "Cnt": "*fp32"}, {"WITH_MAX": True}),
-                    ("se_bwd_dx", _se_bwd_dx, {"DY": t, "X": t, "S": "*fp32", "DZavg": "*fp32", "DZmax": "*fp32",
-                                               "Zmax": "*fp32", "DX": t}, {"WITH_MAX": True, "BF16_RNE": False})):
+                    ("se_bwd_dx", _se_bwd_dx, dx_ptrs, {"WITH_MAX": True, "BF16_RNE": False, "HAS_DY": True}),
+                    ("se_pool_bwd_dx", _se_bwd_dx, dx_ptrs, {"WITH_MAX": True, "BF16_RNE": False, "HAS_DY": False})):
                 sig = signature_of(fn, ptrs, floats=("inv_hw",) if fn is _se_pool else ())
                 const = dict(BLOCK_C=bc, BLOCK_HW=bhw, **extra)
                 for s in unit:

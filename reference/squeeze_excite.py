@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .activations import activation_fn, gate_fn
 
-__all__ = ["squeeze_excite", "efficient_channel_attention", "POOLS", "channel_pool"]
+__all__ = ["squeeze_excite", "excite", "efficient_channel_attention", "POOLS", "channel_pool"]
 
 #: "avg": mean over H, W (the paper). "avgmax": 0.5 * mean + 0.5 * max (timm's ``add_maxpool``).
 POOLS = ("avg", "avgmax")
@@ -60,15 +60,30 @@ def squeeze_excite(
     ``gate="hardsigmoid"``; with a single fc there is no hidden layer, so ``activation`` and ``norm``
     do not apply.
     """
-    z = channel_pool(x, pool)
+    s = excite(channel_pool(x, pool), fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation=activation,
+               gate=gate, norm=norm)
+    return x * s[:, :, None, None]
+
+
+def excite(
+    z: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor] = None,
+    fc2_weight: Optional[Tensor] = None,
+    fc2_bias: Optional[Tensor] = None,
+    *,
+    activation: str = "relu",
+    gate: str = "sigmoid",
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """The excitation of :func:`squeeze_excite`: pooled (N, C) rows -> gate values s (N, C)."""
     h = F.linear(z, _as_matrix(fc1_weight), fc1_bias)
     if fc2_weight is not None:
         if norm is not None:
             h = norm(h[:, :, None, None]).flatten(1)
         h = activation_fn(activation)(h)
         h = F.linear(h, _as_matrix(fc2_weight), fc2_bias)
-    s = gate_fn(gate)(h)
-    return x * s[:, :, None, None]
+    return gate_fn(gate)(h)
 
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "sigmoid") -> Tensor:

@@ -8,13 +8,14 @@ derivatives torch defines for each activation and gate).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..dispatch import route
+from ..reference.squeeze_excite import excite
 
 OP = "squeeze_excite"
 ECA_OP = "efficient_channel_attention"
@@ -186,10 +187,157 @@ def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Te
     return eca_fwd(x, conv_weight, gate)[0]
 
 
+# The SE layers whose excitation holds a norm layer (timm SEModule's norm_layer) run the pooling and
+# the scaling as two ops of their own around the PyTorch MLP: forward reads x twice (as the fused
+# path), backward adds one pass (the pooling's gradient is its own pass, then autograd sums it in).
+
+@torch.library.custom_op("attn_fast::channel_pool", mutates_args=())
+def channel_pool_op(x: Tensor, pool: str) -> Tuple[Tensor, Tensor]:
+    """(z, zmax): x pooled over H, W per sample and channel ((N, C) fp32; see kernels.channel_pool)."""
+    from ..kernels.squeeze_excite import channel_pool
+
+    return channel_pool(x, pool)
+
+
+@channel_pool_op.register_fake
+def _(x, pool):
+    n, c = x.shape[:2]
+    return x.new_empty((n, c), dtype=torch.float32), \
+        x.new_empty((n, c) if pool == "avgmax" else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("attn_fast::channel_pool_bwd", mutates_args=())
+def channel_pool_bwd(dz: Tensor, x: Tensor, zmax: Tensor, pool: str) -> Tensor:
+    """dx of channel_pool: dz / HW everywhere (halved with "avgmax", plus half of dz shared among
+    the positions holding the channel max, as torch's amax backward shares it)."""
+    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+    hw = x.shape[2] * x.shape[3]
+    dz = dz.float()
+    if pool == "avgmax":
+        _, cnt = se_reduce_grad(x, x, zmax)  # only the tie counts are used
+        dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
+    else:
+        dz_avg, dz_max = dz / hw, dz.new_empty((0,))
+    return se_grad_input(None, x, dz_avg, dz_avg.contiguous(), dz_max.contiguous(), zmax)
+
+
+@channel_pool_bwd.register_fake
+def _(dz, x, zmax, pool):
+    return torch.empty_like(x)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, pool = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.pool = pool
+
+
+def _pool_backward(ctx, dz, _dzmax):
+    x, zmax = ctx.saved_tensors
+    return channel_pool_bwd(dz, x, zmax, ctx.pool), None
+
+
+channel_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+@torch.library.custom_op("attn_fast::channel_scale", mutates_args=())
+def channel_scale_op(x: Tensor, s: Tensor) -> Tensor:
+    """y = x * s[:, :, None, None], s (N, C) fp32, in x's memory format."""
+    from ..kernels.squeeze_excite import channel_scale
+
+    return channel_scale(x, s)
+
+
+@channel_scale_op.register_fake
+def _(x, s):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("attn_fast::channel_scale_bwd", mutates_args=())
+def channel_scale_bwd(dy: Tensor, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dx, ds) of channel_scale: dx = dy * s, ds = sum_hw dy * x (fp32)."""
+    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+    empty = x.new_empty((0,), dtype=torch.float32)
+    s = s.contiguous()
+    ds, _ = se_reduce_grad(dy, x, empty)
+    dx = se_grad_input(dy, x, s, torch.zeros_like(s), empty, empty.clone())
+    return dx, ds
+
+
+@channel_scale_bwd.register_fake
+def _(dy, x, s):
+    return torch.empty_like(x), torch.empty_like(s)
+
+
+def _scale_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _scale_backward(ctx, dy):
+    x, s = ctx.saved_tensors
+    dx, ds = channel_scale_bwd(dy, x, s)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, ds if need[1] else None
+
+
+channel_scale_op.register_autograd(_scale_backward, setup_context=_scale_setup_context)
+
+
+def fold_batchnorm(norm, fc1_weight: Tensor, fc1_bias: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+    """fc1 followed by ``norm``, when ``norm`` is a BatchNorm in eval mode (an affine map per
+    output), as one fc: (weight, bias) in fp32, differentiable in fc1's and the norm's parameters.
+    None for any other norm (or a BatchNorm that uses batch statistics)."""
+    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or norm.training \
+            or norm.running_mean is None or norm.running_var is None:
+        return None
+    a = torch.rsqrt(norm.running_var.float() + norm.eps)
+    if norm.weight is not None:
+        a = a * norm.weight.float()
+    w = fc1_weight.reshape(fc1_weight.shape[0], -1).float() * a[:, None]
+    b = -norm.running_mean.float() * a
+    if fc1_bias is not None:
+        b = b + fc1_bias.float() * a
+    if norm.bias is not None:
+        b = b + norm.bias.float()
+    return w, b
+
+
+def _in_fp32(norm: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``norm`` (an nn.Module) run on fp32 copies of its parameters and buffers, the buffers it
+    updates (BatchNorm's running statistics and batch count) written back: the MLP of the SE path
+    with a norm runs in fp32, as the fused one does, whatever the model's dtype. Gradients reach the
+    module's own parameters through the casts. A plain callable is called as it is."""
+    if not isinstance(norm, torch.nn.Module):
+        return norm
+
+    def run(h: Tensor) -> Tensor:
+        state = {k: v.float() for k, v in norm.named_parameters()}
+        buffers = {k: v.float() if v.is_floating_point() else v.clone() for k, v in norm.named_buffers()}
+        out = torch.func.functional_call(norm, {**state, **buffers}, (h,))
+        with torch.no_grad():
+            for k, v in norm.named_buffers():
+                if buffers[k] is not v:
+                    v.copy_(buffers[k])
+        return out
+
+    return run
+
+
 def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
-                   fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str) -> Tensor:
+                   fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str,
+                   norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     path = route(OP, x.device, x.dtype)
     if path.path == "reference":
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                        activation=activation, gate=gate, pool=pool)
+                                        activation=activation, gate=gate, pool=pool, norm=norm)
+    if norm is not None and fc2_weight is not None:
+        folded = fold_batchnorm(norm, fc1_weight, fc1_bias)
+        if folded is None:  # a norm with state or batch statistics: the MLP runs in PyTorch, in fp32
+            z, _ = channel_pool_op(x, pool)
+            f32 = [None if t is None else t.float() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+            s = excite(z, *f32, activation=activation, gate=gate, norm=_in_fp32(norm))
+            return channel_scale_op(x, s.contiguous())
+        fc1_weight, fc1_bias = folded
     return se_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)[0]

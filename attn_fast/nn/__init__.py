@@ -1,0 +1,10 @@
+"""Drop-in nn.Modules running the fused kernels, with the constructor arguments and state_dict keys
+of the layers they replace, and ``from_module(m)`` to wrap an existing layer (sharing its
+parameters). ``UnsupportedLayerError`` says why a layer cannot be wrapped."""
+from ._layers import UnsupportedLayerError, activation_name
+from .squeeze_excite import EcaModule, EffectiveSEModule, EfficientNetSqueezeExcite, SEModule, SqueezeExcite
+
+__all__ = [
+    "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule",
+    "UnsupportedLayerError", "activation_name",
+]

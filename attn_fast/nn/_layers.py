@@ -1,0 +1,126 @@
+"""What the drop-in modules need to know about the layers they replace: which activation or gate a
+module computes (by its exact class, so a subclass with its own forward is never mistaken for it),
+and whether a convolution is the pointwise one the kernels assume."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["UnsupportedLayerError", "activation_name", "make_activation", "ActivationSpec",
+           "check_pointwise_conv", "make_divisible"]
+
+#: What a constructor takes for an activation or gate: a name (ours or timm's), a module class (or
+#: any callable returning a module, as torchvision takes), or a module.
+ActivationSpec = Union[str, Callable[..., nn.Module], nn.Module]
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer whose configuration the attn_fast modules do not cover (``from_module`` raises it;
+    ``attn_fast.convert`` leaves such layers alone and reports why)."""
+
+
+#: Exact classes (by "module.qualname", so timm need not be imported) -> attn_fast's names.
+_BY_CLASS: Dict[str, str] = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.ReLU6": "relu6",
+    "torch.nn.modules.activation.SiLU": "silu",
+    "torch.nn.modules.activation.Hardswish": "hardswish",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.modules.activation.Hardsigmoid": "hardsigmoid",
+    "timm.layers.activations.Swish": "silu",
+    "timm.layers.activations.GELU": "gelu",
+    "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "timm.layers.activations.HardSwish": "hardswish",
+    "timm.layers.activations.HardSigmoid": "hardsigmoid",
+    "timm.layers.activations.Sigmoid": "sigmoid",
+    "timm.layers.activations_me.SwishMe": "silu",
+    "timm.layers.activations_me.HardSwishMe": "hardswish",
+    "timm.layers.activations_me.HardSigmoidMe": "hardsigmoid",
+}
+
+#: Names a constructor accepts (ours and timm's aliases) -> attn_fast's names.
+_ALIASES: Dict[str, str] = {
+    "identity": "identity", "relu": "relu", "relu6": "relu6", "silu": "silu", "swish": "silu",
+    "gelu": "gelu", "gelu_tanh": "gelu_tanh", "hardswish": "hardswish", "hard_swish": "hardswish",
+    "sigmoid": "sigmoid", "hardsigmoid": "hardsigmoid", "hard_sigmoid": "hardsigmoid",
+}
+
+_MODULES: Dict[str, Callable[[], nn.Module]] = {
+    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid,
+    "hardsigmoid": nn.Hardsigmoid,
+}
+
+
+def activation_name(module: nn.Module, what: str = "activation") -> str:
+    """attn_fast's name for what ``module`` computes, or UnsupportedLayerError."""
+    cls = type(module)
+    if cls is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    name = _BY_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if name is None:
+        raise UnsupportedLayerError(
+            f"{what} {cls.__qualname__} is not one the kernels compute (they take "
+            f"{sorted(set(_BY_CLASS.values()) | {'gelu'})})")
+    return name
+
+
+def make_activation(spec: ActivationSpec, what: str = "activation") -> nn.Module:
+    """A module for ``spec`` (a name, a module class or factory, or a module); checks that the
+    kernels compute it."""
+    if isinstance(spec, str):
+        name = _ALIASES.get(spec.lower())
+        if name is None:
+            raise ValueError(f"{what} must be one of {sorted(_ALIASES)}, got {spec!r}")
+        module = _MODULES[name]()
+    elif isinstance(spec, nn.Module):
+        module = spec
+    elif callable(spec):
+        module = spec()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{what}: calling {spec!r} gave {type(module).__name__}, not an nn.Module")
+    else:
+        raise TypeError(f"{what} must be a name, an nn.Module class or an nn.Module, got {type(spec).__name__}")
+    activation_name(module, what)
+    return module
+
+
+def check_pointwise_conv(conv: nn.Module, name: str, in_channels: Optional[int] = None,
+                         out_channels: Optional[int] = None) -> None:
+    """``conv`` is an nn.Conv2d with a 1x1 kernel, stride 1, no padding or dilation, one group: a
+    linear map of the channels (the kernels' fc). UnsupportedLayerError otherwise."""
+    if type(conv) is not nn.Conv2d:
+        raise UnsupportedLayerError(f"{name} is {type(conv).__qualname__}, expected a 1x1 nn.Conv2d")
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((1, 1), (1, 1), (0, 0),
+                                                                                     (1, 1), 1):
+        raise UnsupportedLayerError(
+            f"{name} must be a plain 1x1 conv (stride 1, no padding, no dilation, groups 1), got "
+            f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}, dilation "
+            f"{conv.dilation}, groups {conv.groups}")
+    if in_channels is not None and conv.in_channels != in_channels:
+        raise UnsupportedLayerError(f"{name} takes {conv.in_channels} channels, expected {in_channels}")
+    if out_channels is not None and conv.out_channels != out_channels:
+        raise UnsupportedLayerError(f"{name} gives {conv.out_channels} channels, expected {out_channels}")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None,
+                   round_limit: float = 0.9) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``, default the
+    divisor), one step up if that fell below ``round_limit * value``: the channel rounding timm's
+    layers use, so the same arguments build the same shapes."""
+    floor = divisor if min_value is None else min_value
+    out = max(floor, int(value + divisor / 2) // divisor * divisor)
+    if out < round_limit * value:
+        out += divisor
+    return out
+
+
+def cast_for_autocast(w: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Under autocast the layers being replaced run their convolutions in the autocast dtype; the
+    fused ops take the parameters in x's dtype, so cast them (a differentiable cast) there."""
+    if w is None or w.dtype == x.dtype or not torch.is_autocast_enabled(x.device.type):
+        return w
+    return w.to(x.dtype)

@@ -1,0 +1,302 @@
+"""Drop-in squeeze-and-excitation modules, one per layout of parameters in the wild, each running
+the fused op (``attn_fast.squeeze_excite`` / ``attn_fast.efficient_channel_attention``).
+
+Each has the constructor arguments and the submodule names of the layer it replaces, so its
+state_dict has the same keys and shapes, and a ``from_module(m)`` that builds it around ``m``'s own
+submodules: the parameters are shared (the same ``nn.Parameter`` objects), so an optimizer or a
+checkpoint made for the original keeps working.
+
+=============================  ==============================================  ===========================
+attn_fast.nn                   replaces                                        parameters
+=============================  ==============================================  ===========================
+``SqueezeExcite``              torchvision ``ops.SqueezeExcitation``           fc1, fc2
+``SEModule``                   timm ``layers.SEModule``                        fc1, bn (optional), fc2
+``EffectiveSEModule``          timm ``layers.EffectiveSEModule``               fc
+``EfficientNetSqueezeExcite``  timm ``models._efficientnet_blocks.SqueezeExcite``  conv_reduce, conv_expand
+``EcaModule``                  timm ``layers.EcaModule``                       conv
+=============================  ==============================================  ===========================
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast,
+                      check_pointwise_conv, make_activation, make_divisible)
+
+__all__ = ["SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule"]
+
+
+def _original_forward(m: nn.Module, module_path: str, qualname: str) -> None:
+    """``m`` is the class named (or a subclass that keeps its forward): anything else may compute
+    something else, so it is not converted."""
+    for cls in type(m).__mro__:
+        if cls.__module__ == module_path and cls.__qualname__ == qualname:
+            if type(m).forward is not cls.forward:
+                raise UnsupportedLayerError(f"{type(m).__qualname__} overrides {qualname}.forward")
+            return
+    raise UnsupportedLayerError(f"expected a {module_path}.{qualname}, got {type(m).__qualname__}")
+
+
+def _adopt(cls, m: nn.Module, **children: nn.Module):
+    """A ``cls`` holding ``children`` (``m``'s own submodules) and ``m``'s training flag."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in children.items():
+        setattr(new, name, child)
+    new.train(m.training)
+    return new
+
+
+class _SqueezeExciteBase(nn.Module):
+    """Shared forward: subclasses say where fc1/fc2 (and the norm) are and which activation, gate
+    and pooling they use."""
+
+    pool: str = "avg"
+
+    def _fcs(self):
+        raise NotImplementedError
+
+    def _names(self):
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2, norm = self._fcs()
+        act, gate = self._names()
+        return functional.squeeze_excite(
+            x, cast_for_autocast(fc1.weight, x), cast_for_autocast(fc1.bias, x),
+            None if fc2 is None else cast_for_autocast(fc2.weight, x),
+            None if fc2 is None else cast_for_autocast(fc2.bias, x),
+            activation=act, gate=gate, pool=self.pool, norm=norm)
+
+    def extra_repr(self) -> str:
+        act, gate = self._names()
+        return f"activation={act}, gate={gate}, pool={self.pool}"
+
+
+class SqueezeExcite(_SqueezeExciteBase):
+    r"""torchvision's ``SqueezeExcitation`` (MobileNetV3, EfficientNet, RegNet), fused:
+    y = x * scale_activation(fc2(activation(fc1(mean_hw(x))))).
+
+    Args:
+        input_channels (int): C.
+        squeeze_channels (int): the hidden width.
+        activation, scale_activation: a module class (torchvision's way), a module, or a name
+            (relu, relu6, silu, gelu, gelu_tanh, hardswish, identity; sigmoid or hardsigmoid).
+    """
+
+    def __init__(self, input_channels: int, squeeze_channels: int,
+                 activation: ActivationSpec = nn.ReLU, scale_activation: ActivationSpec = nn.Sigmoid,
+                 *, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # no state; kept for the original's attribute set
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1, **dd)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1, **dd)
+        self.activation = make_activation(activation, "activation")
+        self.scale_activation = make_activation(scale_activation, "scale_activation")
+        self._check_gate()
+
+    def _check_gate(self) -> None:
+        if activation_name(self.scale_activation, "scale_activation") not in ("sigmoid", "hardsigmoid"):
+            raise UnsupportedLayerError("scale_activation must be a sigmoid or hardsigmoid")
+
+    def _fcs(self):
+        return self.fc1, self.fc2, None
+
+    def _names(self):
+        return activation_name(self.activation), activation_name(self.scale_activation)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "SqueezeExcite":
+        """Wrap a torchvision ``SqueezeExcitation``, sharing its parameters."""
+        _original_forward(m, "torchvision.ops.misc", "SqueezeExcitation")
+        check_pointwise_conv(m.fc1, "fc1")
+        check_pointwise_conv(m.fc2, "fc2", m.fc1.out_channels, m.fc1.in_channels)
+        new = _adopt(cls, m, avgpool=m.avgpool, fc1=m.fc1, fc2=m.fc2, activation=m.activation,
+                     scale_activation=m.scale_activation)
+        new._names()
+        new._check_gate()
+        return new
+
+
+class SEModule(_SqueezeExciteBase):
+    r"""timm's ``SEModule`` (SE-ResNet, SE-ResNeXt, RegNetY, ...), fused:
+    y = x * gate(fc2(act(bn(fc1(pool(x)))))), pool the mean, or 0.5 * mean + 0.5 * max with
+    ``add_maxpool``. The arguments are timm's.
+
+    ``norm_layer`` (``bn``): a BatchNorm in eval mode is folded into fc1 and everything is fused;
+    any other norm (BatchNorm in training mode included) runs in PyTorch between the pooling and the
+    scaling kernels (the backward then makes one more pass over x).
+    """
+
+    def __init__(self, channels: int, rd_ratio: float = 1.0 / 16, rd_channels: Optional[int] = None,
+                 rd_divisor: int = 8, add_maxpool: bool = False, bias: bool = True,
+                 act_layer: ActivationSpec = nn.ReLU, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 gate_layer: ActivationSpec = "sigmoid", device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.add_maxpool = add_maxpool
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.bn = norm_layer(rd_channels, **dd) if norm_layer else nn.Identity()
+        self.act = make_activation(act_layer, "act_layer")
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
+        self.gate = make_activation(gate_layer, "gate_layer")
+        self._names()
+
+    @property
+    def pool(self) -> str:  # type: ignore[override]
+        return "avgmax" if self.add_maxpool else "avg"
+
+    def _fcs(self):
+        return self.fc1, self.fc2, None if type(self.bn) is nn.Identity else self.bn
+
+    def _names(self):
+        gate = activation_name(self.gate, "gate")
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        return activation_name(self.act, "act"), gate
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "SEModule":
+        """Wrap a timm ``SEModule``, sharing its parameters (and its norm layer)."""
+        _original_forward(m, "timm.layers.squeeze_excite", "SEModule")
+        check_pointwise_conv(m.fc1, "fc1")
+        check_pointwise_conv(m.fc2, "fc2", m.fc1.out_channels, m.fc1.in_channels)
+        new = _adopt(cls, m, fc1=m.fc1, bn=m.bn, act=m.act, fc2=m.fc2, gate=m.gate)
+        new.add_maxpool = bool(m.add_maxpool)
+        new._names()
+        return new
+
+
+class EffectiveSEModule(_SqueezeExciteBase):
+    r"""timm's ``EffectiveSEModule`` (VoVNet / CenterMask: one (C, C) fc, hard-sigmoid gate), fused:
+    y = x * gate(fc(pool(x)))."""
+
+    def __init__(self, channels: int, add_maxpool: bool = False, gate_layer: ActivationSpec = "hard_sigmoid",
+                 device=None, dtype=None, **_) -> None:
+        super().__init__()
+        self.add_maxpool = add_maxpool
+        self.fc = nn.Conv2d(channels, channels, kernel_size=1, padding=0, device=device, dtype=dtype)
+        self.gate = make_activation(gate_layer, "gate_layer")
+        self._names()
+
+    @property
+    def pool(self) -> str:  # type: ignore[override]
+        return "avgmax" if self.add_maxpool else "avg"
+
+    def _fcs(self):
+        return self.fc, None, None
+
+    def _names(self):
+        gate = activation_name(self.gate, "gate")
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        return "identity", gate
+
+    def extra_repr(self) -> str:
+        return f"gate={self._names()[1]}, pool={self.pool}"
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "EffectiveSEModule":
+        """Wrap a timm ``EffectiveSEModule``, sharing its parameters."""
+        _original_forward(m, "timm.layers.squeeze_excite", "EffectiveSEModule")
+        check_pointwise_conv(m.fc, "fc", m.fc.in_channels, m.fc.in_channels)
+        new = _adopt(cls, m, fc=m.fc, gate=m.gate)
+        new.add_maxpool = bool(m.add_maxpool)
+        new._names()
+        return new
+
+
+class EfficientNetSqueezeExcite(_SqueezeExciteBase):
+    r"""The ``SqueezeExcite`` of timm's EfficientNet / MobileNetV3 / MixNet blocks
+    (``timm.models._efficientnet_blocks``), fused: y = x * gate(conv_expand(act1(conv_reduce(mean_hw(x))))).
+    The arguments are timm's (``rd_round_fn`` defaults to ``round``)."""
+
+    def __init__(self, in_chs: int, rd_ratio: float = 0.25, rd_channels: Optional[int] = None,
+                 act_layer: ActivationSpec = nn.ReLU, gate_layer: ActivationSpec = nn.Sigmoid,
+                 force_act_layer: Optional[ActivationSpec] = None, rd_round_fn: Optional[Callable] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if rd_channels is None:
+            rd_channels = (rd_round_fn or round)(in_chs * rd_ratio)
+        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1, bias=True, **dd)
+        self.act1 = make_activation(force_act_layer or act_layer, "act_layer")
+        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1, bias=True, **dd)
+        self.gate = make_activation(gate_layer, "gate_layer")
+        self._names()
+
+    def _fcs(self):
+        return self.conv_reduce, self.conv_expand, None
+
+    def _names(self):
+        gate = activation_name(self.gate, "gate")
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        return activation_name(self.act1, "act1"), gate
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "EfficientNetSqueezeExcite":
+        """Wrap the ``SqueezeExcite`` of a timm EfficientNet-family block, sharing its parameters."""
+        _original_forward(m, "timm.models._efficientnet_blocks", "SqueezeExcite")
+        check_pointwise_conv(m.conv_reduce, "conv_reduce")
+        check_pointwise_conv(m.conv_expand, "conv_expand", m.conv_reduce.out_channels,
+                             m.conv_reduce.in_channels)
+        new = _adopt(cls, m, conv_reduce=m.conv_reduce, act1=m.act1, conv_expand=m.conv_expand, gate=m.gate)
+        new._names()
+        return new
+
+
+class EcaModule(nn.Module):
+    r"""timm's ``EcaModule`` (ECA-Net, ECA-ResNets), fused: y = x * gate(conv1d_k(mean_hw(x))) with the
+    1-D convolution across channels. The arguments are timm's; its experimental ``use_mlp`` mode is
+    not offered (``from_module`` refuses it)."""
+
+    def __init__(self, channels: Optional[int] = None, kernel_size: int = 3, gamma: float = 2, beta: float = 1,
+                 gate_layer: ActivationSpec = "sigmoid", device=None, dtype=None) -> None:
+        super().__init__()
+        if channels is not None:  # the adaptive kernel size of the paper, as timm computes it
+            t = int(abs(math.log(channels, 2) + beta) / gamma)
+            kernel_size = max(t if t % 2 else t + 1, 3)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"EcaModule: kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False,
+                              device=device, dtype=dtype)
+        self.gate = make_activation(gate_layer, "gate_layer")
+        self._gate_name()
+
+    def _gate_name(self) -> str:
+        gate = activation_name(self.gate, "gate")
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        return gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.efficient_channel_attention(x, cast_for_autocast(self.conv.weight, x),
+                                                      gate=self._gate_name())
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.conv.kernel_size[0]}, gate={self._gate_name()}"
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "EcaModule":
+        """Wrap a timm ``EcaModule``, sharing its parameters."""
+        _original_forward(m, "timm.layers.eca", "EcaModule")
+        if getattr(m, "conv2", None) is not None:
+            raise UnsupportedLayerError("EcaModule with use_mlp=True (timm's experimental MLP mode)")
+        conv = m.conv
+        k = conv.kernel_size[0] if type(conv) is nn.Conv1d else 0
+        if type(conv) is not nn.Conv1d or (conv.in_channels, conv.out_channels, conv.bias is None, conv.stride,
+                                           conv.padding, conv.dilation, conv.groups, conv.padding_mode) != \
+                (1, 1, True, (1,), ((k - 1) // 2,), (1,), 1, "zeros") or k % 2 != 1:
+            raise UnsupportedLayerError(f"conv must be Conv1d(1, 1, k odd, padding (k-1)//2, no bias), got {conv!r}")
+        new = _adopt(cls, m, conv=conv, gate=m.gate)
+        new._gate_name()
+        return new
