@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["attn_fast", "attn_fast.ops", "attn_fast.kernels", "attn_fast.reference"],
+    packages=["attn_fast", "attn_fast.ops", "attn_fast.nn", "attn_fast.kernels", "attn_fast.reference"],
     package_dir={
         "attn_fast": "attn_fast",
         "attn_fast.ops": "attn_fast/ops",

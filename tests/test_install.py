@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPORT_ALL = ("import attn_fast, attn_fast.kernels, attn_fast.kernels.aot, attn_fast.reference; "
+IMPORT_ALL = ("import attn_fast, attn_fast.kernels, attn_fast.kernels.aot, attn_fast.reference, attn_fast.nn; "
               "print(attn_fast.__file__); print(attn_fast.kernels.__file__); print(attn_fast.reference.__file__)")
 
 
@@ -39,7 +39,8 @@ def wheel(tmp_path_factory):
 def test_wheel_holds_the_mapped_subpackages(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("attn_fast/__init__.py", "attn_fast/kernels/__init__.py", "attn_fast/kernels/aot.py",
-              "attn_fast/reference/__init__.py", "attn_fast/reference/attention.py", "attn_fast/ops/attention.py"):
+              "attn_fast/reference/__init__.py", "attn_fast/reference/attention.py", "attn_fast/ops/attention.py",
+              "attn_fast/nn/__init__.py", "attn_fast/nn/squeeze_excite.py"):
         assert f in names, f"{f} missing from the wheel"
     assert not any(n.startswith(("kernels/", "reference/", "tests/", "bench/")) for n in names), \
         "top-level kernels/reference/tests/bench must not be installed"
