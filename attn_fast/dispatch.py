@@ -28,7 +28,7 @@ OPS: Dict[str, bool] = {
     "scaled_dot_product_attention": True,
     "squeeze_excite": True,
     "efficient_channel_attention": True,
-    "cbam": False,
+    "cbam": True,
 }
 
 _lock = threading.Lock()

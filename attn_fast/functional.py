@@ -273,6 +273,9 @@ def cbam(
     if channel_gate is not None:
         check_choice(fn, "channel_gate", channel_gate, tuple(GATES))
     _check_bool(fn, "bn_training", bn_training)
+    if bn_training and (bn_weight is not None or bn_running_mean is not None) and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"{fn}: BatchNorm in training mode needs more than one value per channel: "
+                         f"x {tuple(x.shape)} gives N * H * W = {x.shape[0] * x.shape[2] * x.shape[3]}")
     check_choice(fn, "spatial_order", spatial_order, SPATIAL_ORDERS)
     return ops.cbam.cbam(
         x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias,

@@ -8,4 +8,4 @@ triton.
 """
 
 #: Kernel modules of this package (names relative to it). Kernel issues add theirs.
-KERNEL_MODULES = ["attention_fwd", "attention_bwd", "squeeze_excite"]
+KERNEL_MODULES = ["attention_fwd", "attention_bwd", "squeeze_excite", "cbam"]

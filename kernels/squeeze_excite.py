@@ -74,12 +74,13 @@ def _activation(x, ACT: tl.constexpr):
 
 
 # One program pools BLOCK_C channels of one sample over all H*W positions: reads BLOCK_C * HW
-# elements of x once, writes BLOCK_C fp32 pooled values (and the maxima with WITH_MAX).
+# elements of x once, writes BLOCK_C fp32 pooled values (and the maxima with WITH_MAX; Z holds
+# 0.5 * mean + 0.5 * max then, unless BLEND=False).
 @triton.jit
 def _se_pool(
     X, Z, Zmax,                        # Z, Zmax (N, C) fp32
     C, HW, stride_xn, stride_xc, stride_xhw, inv_hw,
-    WITH_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    WITH_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLEND: tl.constexpr = True,
 ):
     n = tl.program_id(1).to(tl.int64)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -99,7 +100,8 @@ def _se_pool(
     if WITH_MAX:
         m = tl.max(mx, 1)
         tl.store(Zmax + n * C + cs, m, mask=c_ok)
-        mean = 0.5 * mean + 0.5 * m
+        if BLEND:  # timm's add_maxpool; CBAM (BLEND=False) keeps the mean and the max apart
+            mean = 0.5 * mean + 0.5 * m
     tl.store(Z + n * C + cs, mean, mask=c_ok)
 
 
@@ -315,13 +317,14 @@ def eca_forward(x: torch.Tensor, conv_weight: torch.Tensor, gate: str) -> Dict[s
     return out
 
 
-def _pool_into(xg, strides, z, zmax, c: int, hw: int, tile) -> None:
-    """Pool the samples of ``xg`` into the rows of z (and zmax when it is not empty)."""
+def _pool_into(xg, strides, z, zmax, c: int, hw: int, tile, blend: bool = True) -> None:
+    """Pool the samples of ``xg`` into the rows of z (and zmax when it is not empty; z then holds
+    0.5 * mean + 0.5 * max unless ``blend`` is False)."""
     bc, bhw, warps = tile
     with_max = zmax.numel() > 0
     _se_pool[(triton.cdiv(c, bc), xg.shape[0])](
         xg, z, zmax if with_max else z, c, hw, *strides, 1.0 / hw,
-        WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
+        WITH_MAX=with_max, BLOCK_C=bc, BLOCK_HW=bhw, BLEND=blend, num_warps=warps)
 
 
 def _scale_into(xg, strides, s, yg, c: int, hw: int, tile) -> None:
@@ -449,7 +452,7 @@ def _aot_cases():
             core = tname == "fp16"  # the others differ only in the element type (run with --runslow)
             dx_ptrs = {"DY": t, "X": t, "S": "*fp32", "DZavg": "*fp32", "DZmax": "*fp32", "Zmax": "*fp32", "DX": t}
             for name, fn, ptrs, extra in (
-                    ("se_pool", _se_pool, {"X": t, "Z": "*fp32", "Zmax": "*fp32"}, {"WITH_MAX": True}),
+                    ("se_pool", _se_pool, {"X": t, "Z": "*fp32", "Zmax": "*fp32"}, {"WITH_MAX": True, "BLEND": True}),
                     ("se_scale", _se_scale, {"X": t, "S": "*fp32", "Y": t}, {"BF16_RNE": False}),
                     ("se_bwd_reduce", _se_bwd_reduce, {"DY": t, "X": t, "Zmax": "*fp32", "G": "*fp32",
                                                        "Cnt": "*fp32"}, {"WITH_MAX": True}),

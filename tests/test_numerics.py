@@ -74,3 +74,14 @@ def test_check_op_catches_a_wrong_gradient():
     check_op(right, right, {"x": x}, grad=("x",))
     with pytest.raises(AssertionError, match="grad x"):
         check_op(wrong, right, {"x": x}, grad=("x",))
+
+
+def test_bound_is_never_below_one_ulp_of_the_output():
+    """A single-number output in bf16: the same-dtype reference landed on the nearest value by luck
+    (error 0.004); the neighbour one step away (error 0.0116 < one ulp 0.0156 at 2.23) still passes,
+    two steps away does not."""
+    ref64 = torch.tensor([-2.2303097645956504], dtype=torch.float64)
+    lp = torch.tensor([-2.234375], dtype=torch.bfloat16)
+    assert compare(torch.tensor([-2.21875], dtype=torch.bfloat16), ref64, lp).passed
+    assert not compare(torch.tensor([-2.203125], dtype=torch.bfloat16), ref64, lp).passed
+    assert compare(torch.tensor([-2.21875], dtype=torch.bfloat16), ref64, lp).ulp == 2.0 ** -6
