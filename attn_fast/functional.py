@@ -233,7 +233,8 @@ def cbam(
         light (bool): timm's LightCbamModule.
         spatial_order (str): "mean_max" (timm) or "max_mean" (the paper's code).
         bn_* : BatchNorm of the spatial conv output (1 channel): weight, bias, running mean and
-            var (1,); ``bn_training=True`` uses batch statistics and updates the running ones.
+            var (1,), any float dtype (fp32 state with a 16-bit x, as under autocast); ``bn_training=True``
+            uses batch statistics and updates the running ones.
     """
     fn = "cbam"
     _check_image(fn, x)
@@ -267,7 +268,7 @@ def cbam(
     check_same(fn, ("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight),
                ("conv_weight", conv_weight), ("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias),
                ("conv_bias", conv_bias))
-    check_same(fn, ("x", x), *bn)
+    check_same(fn, ("x", x), *bn, dtype=False)  # BatchNorm state may be fp32 under autocast
     check_choice(fn, "activation", activation, tuple(ACTIVATIONS))
     check_choice(fn, "gate", gate, tuple(GATES))
     if channel_gate is not None:
