@@ -3,9 +3,10 @@ of the layers they replace, and ``from_module(m)`` to wrap an existing layer (sh
 parameters). ``UnsupportedLayerError`` says why a layer cannot be wrapped."""
 from ._layers import UnsupportedLayerError, activation_name
 from .cbam import CBAM
+from .multihead_attention import MultiheadAttention
 from .squeeze_excite import EcaModule, EffectiveSEModule, EfficientNetSqueezeExcite, SEModule, SqueezeExcite
 
 __all__ = [
-    "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule", "CBAM",
+    "MultiheadAttention", "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule", "CBAM",
     "UnsupportedLayerError", "activation_name",
 ]

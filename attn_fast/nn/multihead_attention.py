@@ -1,0 +1,178 @@
+"""Drop-in ``torch.nn.MultiheadAttention`` running the fused attention kernel.
+
+A subclass of torch's module: the same constructor, parameters (``in_proj_weight`` or
+``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``, ``bias_k``/``bias_v``), state_dict, forward
+signature and return values. Only the attention itself changes: with ``need_weights=False`` (what
+``nn.TransformerEncoderLayer``/``DecoderLayer`` ask for) the projections are torch GEMMs and the
+softmax(Q K^T) V part is ``attn_fast.scaled_dot_product_attention`` on strided views, with the masks
+passed un-expanded where they broadcast; with ``need_weights=True`` (torch's default) the weights
+must be materialised, so torch's own implementation runs, unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional
+from ._layers import UnsupportedLayerError
+
+__all__ = ["MultiheadAttention"]
+
+
+def _sdpa_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """A MultiheadAttention mask (bool True = may NOT attend, or float added to the scores) in the
+    convention of scaled_dot_product_attention (bool True = may attend, or float of the query's dtype)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if not mask.is_floating_point():
+        raise TypeError(f"MultiheadAttention: {name} must be a bool or float tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An SDPA-convention mask as an additive float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask
+
+
+def _append_key(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """One more key position that every query may attend (bias_k / add_zero_attn)."""
+    if mask is None:
+        return None
+    return F.pad(mask, (0, 1), value=True if mask.dtype == torch.bool else 0.0)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    r"""``torch.nn.MultiheadAttention`` with the attention computed by attn_fast's fused kernel.
+
+    Same arguments and behaviour as torch's module (see its documentation). Notes:
+
+    * ``need_weights=True`` (torch's default) runs torch's implementation, which materialises the
+      (N, heads, L, S) weights: O(L * S) memory, unfused. Pass ``need_weights=False`` (as the
+      Transformer layers do) for the fused kernel: O(L + S) memory, dropout inside the kernel.
+    * Rows whose keys are all masked give zeros (the kernel's convention).
+    * ``is_causal=True`` is a hint, as in torch: it needs ``attn_mask`` (the causal mask); without a
+      ``key_padding_mask`` the kernel applies causal masking itself and the mask is not read.
+    * In eval mode with gradients off, ``nn.TransformerEncoderLayer`` may take torch's fused
+      inference path, which reads the parameters directly and does not call this module.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        return self._fused(query, key, value, key_padding_mask, attn_mask, is_causal), None
+
+    def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"MultiheadAttention: query, key and value must all be 3-D (batched) or 2-D "
+                             f"(unbatched), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != width:
+                raise ValueError(f"MultiheadAttention: {name} must have {width} features (last dim), "
+                                 f"got shape {tuple(t.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} "
+                             "must have the same length and batch")
+        if query.dim() == 3:
+            bq, bk = (query.shape[0], key.shape[0]) if self.batch_first else (query.shape[1], key.shape[1])
+            if bq != bk:
+                raise ValueError(f"MultiheadAttention: query has batch {bq} but key/value have {bk}")
+
+    def _projections(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        e = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one GEMM
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            if key is value:
+                k, v = F.linear(key, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
+                return F.linear(query, w[:e], bq), k, v
+            return F.linear(query, w[:e], bq), F.linear(key, w[e:2 * e], bk), F.linear(value, w[2 * e:], bv)
+        return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                F.linear(value, self.v_proj_weight, bv))
+
+    def _fused(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+               attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        self._check(query, key, value)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask; "
+                               "pass attn_mask too (as torch requires)")
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E): one sequence; masks (S,), (L, S) or (heads, L, S)
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self._projections(query, key, value)          # (L, N, E), (S, N, E), (S, N, E)
+        n, h, d = q.shape[1], self.num_heads, self.head_dim
+        use_causal = is_causal and key_padding_mask is None      # trust the hint, as torch does
+        mask = None if use_causal else _sdpa_mask(attn_mask, "attn_mask", q.dtype)
+        pad = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        if mask is not None and mask.dim() == 3:
+            if mask.shape[0] != n * h:
+                raise ValueError(f"MultiheadAttention: a 3-D attn_mask must have batch * num_heads = {n * h} "
+                                 f"rows, got shape {tuple(attn_mask.shape)}")
+            mask = mask.reshape(n, h, *mask.shape[1:])
+        if pad is not None:
+            if tuple(pad.shape) != (n, key.shape[0]):
+                raise ValueError(f"MultiheadAttention: key_padding_mask must have shape (batch, source length) = "
+                                 f"{(n, key.shape[0])}, got {tuple(key_padding_mask.shape)}")
+            pad = pad[:, None, None, :]
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, n, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, n, -1)])
+            mask, pad = _append_key(mask), _append_key(pad)
+
+        def heads(t: Tensor) -> Tensor:  # (len, N, E) -> (N, heads, len, head_dim), a strided view
+            return t.view(t.shape[0], n, h, d).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(n, h, 1, d)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            mask, pad = _append_key(mask), _append_key(pad)
+        if mask is not None and pad is not None:  # one mask: torch merges them the same way
+            if mask.dtype == pad.dtype == torch.bool:
+                mask = mask & pad
+            else:
+                mask = _as_float(mask, q.dtype) + _as_float(pad, q.dtype)
+        elif pad is not None:
+            mask = pad
+        out = functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=use_causal)
+        l_q = out.shape[2]
+        if self.batch_first and not unbatched:
+            out = out.transpose(1, 2).reshape(n, l_q, self.embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(l_q, n, self.embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return out.squeeze(1) if unbatched else out
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "MultiheadAttention":
+        """Wrap a ``torch.nn.MultiheadAttention``: the same parameters and submodules (shared)."""
+        if type(m) is not nn.MultiheadAttention:
+            raise UnsupportedLayerError(f"expected a torch.nn.MultiheadAttention, got {type(m).__qualname__}")
+        if m.head_dim > functional.MAX_HEAD_DIM:
+            raise UnsupportedLayerError(f"head size {m.head_dim} is over the kernels' {functional.MAX_HEAD_DIM}")
+        new = cls.__new__(cls)
+        # own containers (parameter, module and hook tables), shared members: a hook or parameter
+        # added to one later does not appear in the other
+        new.__dict__.update({k: type(v)(v) if isinstance(v, dict) else v for k, v in m.__dict__.items()})
+        return new
