@@ -51,6 +51,8 @@ from . import dispatch, nn, numerics, ops, reference  # noqa: E402
 from .dispatch import get_backend, set_backend  # noqa: E402
 from .functional import (  # noqa: E402
     cbam, efficient_channel_attention, scaled_dot_product_attention, squeeze_excite)
+from .convert import ConversionReport, convert  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -58,6 +60,10 @@ __all__ = [
     "squeeze_excite",
     "efficient_channel_attention",
     "cbam",
+    "convert",
+    "verify",
+    "ConversionReport",
+    "VerifyReport",
     "set_backend",
     "get_backend",
     "dispatch",

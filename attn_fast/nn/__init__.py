@@ -5,8 +5,9 @@ from ._layers import UnsupportedLayerError, activation_name
 from .cbam import CBAM
 from .multihead_attention import MultiheadAttention
 from .squeeze_excite import EcaModule, EffectiveSEModule, EfficientNetSqueezeExcite, SEModule, SqueezeExcite
+from .vit_attention import VitAttention
 
 __all__ = [
-    "MultiheadAttention", "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule", "CBAM",
+    "MultiheadAttention", "VitAttention", "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule", "CBAM",
     "UnsupportedLayerError", "activation_name",
 ]
