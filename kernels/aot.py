@@ -55,6 +55,15 @@ def signature_of(fn: Any, pointers: Dict[str, str], floats: Sequence[str] = ()) 
     return sig
 
 
+def unit_strides(signature: Dict[str, str], constexprs: Dict[str, Any], names: Sequence[str]) -> None:
+    """Mark the stride arguments in ``names`` that ``signature`` has as constexpr 1, as a launch with
+    unit strides specialises them (in place)."""
+    for name in names:
+        if name in signature:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+
+
 @dataclass(frozen=True)
 class AOTCase:
     """One compile configuration of one kernel.

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import AOTCase, signature_of
+from .aot import AOTCase, signature_of, unit_strides
 from .interpreter import bf16_rne, needs_bf16_rne
 from .squeeze_excite import NCHW_TILE, NHWC_TILE, _like, _pool_into, as_nc_hw, fc
 
@@ -325,10 +325,7 @@ def _aot_cases():
                 bc, bhw, warps = (COLUMN_TILES if column else TILES)[cl]
                 sig = signature_of(fn, ptrs, floats=("inv_c",) if fn is _cbam_spatial_stats else ())
                 const = dict(BLOCK_C=bc, BLOCK_HW=bhw, **extra)
-                for s in unit:
-                    if s in sig:
-                        sig[s] = "constexpr"
-                        const[s] = 1
+                unit_strides(sig, const, unit)
                 cases.append(AOTCase(f"{name}[{tname},{layout},{bc}x{bhw},w{warps}]", fn, sig, const,
                                      num_warps=warps, num_stages=1, core=tname == "fp16"))
     return cases

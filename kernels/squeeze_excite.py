@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import AOTCase, signature_of
+from .aot import AOTCase, signature_of, unit_strides
 from .interpreter import bf16_rne, needs_bf16_rne
 
 #: Activation and gate codes (constexpr ACT of _se_fc); names as attn_fast.reference.ACTIVATIONS/GATES.
@@ -460,10 +460,7 @@ def _aot_cases():
                     ("se_pool_bwd_dx", _se_bwd_dx, dx_ptrs, {"WITH_MAX": True, "BF16_RNE": False, "HAS_DY": False})):
                 sig = signature_of(fn, ptrs, floats=("inv_hw",) if fn is _se_pool else ())
                 const = dict(BLOCK_C=bc, BLOCK_HW=bhw, **extra)
-                for s in unit:
-                    if s in sig:
-                        sig[s] = "constexpr"
-                        const[s] = 1
+                unit_strides(sig, const, unit)
                 cases.append(AOTCase(f"{name}[{tname},{layout},{bc}x{bhw},w{warps}]", fn, sig, const,
                                      num_warps=warps, num_stages=1, core=core))
         bm, bn, bk, warps = FC_TILE

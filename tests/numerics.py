@@ -10,7 +10,7 @@ from torch import Tensor
 
 from attn_fast.numerics import Comparison, compare
 
-__all__ = ["assert_close", "check_op", "rand", "poison"]
+__all__ = ["assert_close", "check_op", "rand", "poison", "poison_allocations"]
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> Tensor:
@@ -22,6 +22,18 @@ def rand(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0) -> Tenso
 def poison(t: Tensor) -> Tensor:
     """Fill ``t`` with NaN in place (an output buffer a kernel must overwrite)."""
     return t.fill_(float("nan"))
+
+
+def poison_allocations(monkeypatch) -> None:
+    """Make every ``torch.empty``/``torch.empty_like`` start as NaN (for the test using
+    ``monkeypatch``): an output element a kernel never writes then fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t: Tensor) -> Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
 
 
 def assert_close(fast: Tensor, ref64: Tensor, ref_lp: Tensor, name: str = "output", *,

@@ -9,7 +9,7 @@ import torch
 import attn_fast
 from attn_fast import dispatch, reference
 from attn_fast.kernels import squeeze_excite as se_module
-from numerics import check_op, rand
+from numerics import check_op, poison_allocations, rand
 
 se = attn_fast.squeeze_excite
 
@@ -17,14 +17,7 @@ se = attn_fast.squeeze_excite
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an element a kernel never writes fails."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(se_module.torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(se_module.torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-    yield
+    poison_allocations(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

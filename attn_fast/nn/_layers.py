@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["UnsupportedLayerError", "activation_name", "make_activation", "ActivationSpec",
+__all__ = ["UnsupportedLayerError", "activation_name", "gate_name", "make_activation", "ActivationSpec",
            "check_pointwise_conv", "make_divisible"]
 
 #: What a constructor takes for an activation or gate: a name (ours or timm's), a module class (or
@@ -65,6 +65,15 @@ def activation_name(module: nn.Module, what: str = "activation") -> str:
         raise UnsupportedLayerError(
             f"{what} {cls.__qualname__} is not one the kernels compute (they take "
             f"{sorted(set(_BY_CLASS.values()) | {'gelu'})})")
+    return name
+
+
+def gate_name(module: nn.Module, what: str = "gate") -> str:
+    """attn_fast's name for the gate ``module`` computes: sigmoid or hardsigmoid, else
+    UnsupportedLayerError."""
+    name = activation_name(module, what)
+    if name not in ("sigmoid", "hardsigmoid"):
+        raise UnsupportedLayerError(f"{what} must be a sigmoid or hardsigmoid, got {name}")
     return name
 
 

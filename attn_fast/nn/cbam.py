@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast,
-                      check_pointwise_conv, make_activation, make_divisible)
+                      check_pointwise_conv, gate_name, make_activation, make_divisible)
 from .squeeze_excite import _adopt, _original_forward
 
 __all__ = ["CBAM"]
@@ -47,13 +47,6 @@ class _SpatialAttn(nn.Module):
         self.gate = make_activation(gate_layer, "gate_layer")
 
 
-def _check_gate(module: nn.Module, what: str) -> str:
-    name = activation_name(module, what)
-    if name not in ("sigmoid", "hardsigmoid"):
-        raise UnsupportedLayerError(f"{what} must be a sigmoid or hardsigmoid, got {name}")
-    return name
-
-
 class CBAM(nn.Module):
     r"""CBAM (Woo et al. 2018), fused: y = x1 * sa(x1), x1 = x * ca(x), never writing x1.
 
@@ -85,8 +78,8 @@ class CBAM(nn.Module):
         is not one the kernels compute)."""
         ch, sp = self.channel, self.spatial
         return dict(activation=activation_name(ch.act, "channel.act"),
-                    channel_gate="sigmoid" if self.light else _check_gate(ch.gate, "channel.gate"),
-                    gate=_check_gate(sp.gate, "spatial.gate"), light=self.light)
+                    channel_gate="sigmoid" if self.light else gate_name(ch.gate, "channel.gate"),
+                    gate=gate_name(sp.gate, "spatial.gate"), light=self.light)
 
     def _bn_arguments(self) -> dict:
         """BatchNorm2d's forward logic, as arguments of attn_fast.cbam (and its side effect on

@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional
 from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast,
-                      check_pointwise_conv, make_activation, make_divisible)
+                      check_pointwise_conv, gate_name, make_activation, make_divisible)
 
 __all__ = ["SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule"]
 
@@ -102,8 +101,7 @@ class SqueezeExcite(_SqueezeExciteBase):
         self._check_gate()
 
     def _check_gate(self) -> None:
-        if activation_name(self.scale_activation, "scale_activation") not in ("sigmoid", "hardsigmoid"):
-            raise UnsupportedLayerError("scale_activation must be a sigmoid or hardsigmoid")
+        gate_name(self.scale_activation, "scale_activation")
 
     def _fcs(self):
         return self.fc1, self.fc2, None
@@ -158,9 +156,7 @@ class SEModule(_SqueezeExciteBase):
         return self.fc1, self.fc2, None if type(self.bn) is nn.Identity else self.bn
 
     def _names(self):
-        gate = activation_name(self.gate, "gate")
-        if gate not in ("sigmoid", "hardsigmoid"):
-            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        gate = gate_name(self.gate)
         return activation_name(self.act, "act"), gate
 
     @classmethod
@@ -195,9 +191,7 @@ class EffectiveSEModule(_SqueezeExciteBase):
         return self.fc, None, None
 
     def _names(self):
-        gate = activation_name(self.gate, "gate")
-        if gate not in ("sigmoid", "hardsigmoid"):
-            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        gate = gate_name(self.gate)
         return "identity", gate
 
     def extra_repr(self) -> str:
@@ -237,9 +231,7 @@ class EfficientNetSqueezeExcite(_SqueezeExciteBase):
         return self.conv_reduce, self.conv_expand, None
 
     def _names(self):
-        gate = activation_name(self.gate, "gate")
-        if gate not in ("sigmoid", "hardsigmoid"):
-            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        gate = gate_name(self.gate)
         return activation_name(self.act1, "act1"), gate
 
     @classmethod
@@ -273,9 +265,7 @@ class EcaModule(nn.Module):
         self._gate_name()
 
     def _gate_name(self) -> str:
-        gate = activation_name(self.gate, "gate")
-        if gate not in ("sigmoid", "hardsigmoid"):
-            raise UnsupportedLayerError(f"gate must be a sigmoid or hardsigmoid, got {gate}")
+        gate = gate_name(self.gate)
         return gate
 
     def forward(self, x: Tensor) -> Tensor:
