@@ -18,6 +18,7 @@ from .aot import AOTCase, signature_of
 from .attention_fwd import (
     _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, with_dropout, dtype_class, head_class,
     AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
+from .interpreter import bf16_rne, needs_bf16_rne
 from .tuning import bucket, pick
 
 #: How _attn_bwd_dkdv writes the gradient of a float mask (constexpr MASK_GRAD): not at all; plain
@@ -90,6 +91,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MASK_GRAD: tl.constexpr = 0,
+    BF16_RNE: tl.constexpr = False,   # round bf16 stores to nearest (the interpreter truncates)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_n = tl.program_id(0)
@@ -160,6 +162,9 @@ def _attn_bwd_dkdv(
             ds_op = ds if DOT_F32 else ds.to(q.dtype)
             dk += tl.dot(tl.trans(ds_op), q, input_precision=INPUT_PRECISION)
     dk = dk * sm_scale
+    if BF16_RNE:
+        dk = bf16_rne(dk)
+        dv = bf16_rne(dv)
     keep_k = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     keep_v = n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     tl.store(DK + off_z * stride_dkz + off_hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
@@ -186,6 +191,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    BF16_RNE: tl.constexpr = False,   # round the bf16 store to nearest (the interpreter truncates)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -237,6 +243,8 @@ def _attn_bwd_dq(
         ds_op = ds if DOT_F32 else ds.to(kT.dtype)
         dq += tl.dot(ds_op, tl.trans(kT), input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
+    if BF16_RNE:
+        dq = bf16_rne(dq)
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
              dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -323,7 +331,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     grad_mode, dmask_arg, gs = _mask_grad_args(dmask, q, lk)
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
-                  DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+                  DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
                   INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride())
     drop = (dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed)
@@ -387,7 +395,8 @@ def _aot_cases():
             ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32"}
             ptrs.update({o: t for o in outs})
             const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
-                         MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
+                         MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
+                         BF16_RNE=False)
             core = aot_core(tname, e, causal, dropout, first)
             if fn is _attn_bwd_dkdv:
                 ptrs["DMask"] = "*fp32"

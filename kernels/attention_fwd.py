@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .aot import AOTCase, signature_of
-from .interpreter import interpreting
+from .interpreter import bf16_rne, interpreting, needs_bf16_rne
 from .tuning import bucket, pick
 
 LOG2E = 1.4426950408889634
@@ -56,6 +56,7 @@ def _attn_fwd(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr,            # cast dot operands to fp32 (bf16 under the interpreter)
     INPUT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs unless tf32 is allowed
+    BF16_RNE: tl.constexpr = False,   # round the bf16 output to nearest (the interpreter truncates)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -126,6 +127,8 @@ def _attn_fwd(
     out = acc / tl.where(alive, l_i, 1.0)[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("-inf"))
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
+    if BF16_RNE:
+        out = bf16_rne(out)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + off_bh * Lq + offs_m, lse, mask=m_valid)
 
@@ -239,7 +242,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     pad_e, pad_ev = pad_head(e), pad_head(ev)
     flags = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev,
                  IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
-                 DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+                 DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
                  INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
 
     def launch(cfg):
@@ -333,7 +336,8 @@ def _aot_cases():
         sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"},
                            floats=("qk_scale", "dropout_p", "dropout_scale"))
         const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
-                     MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee")
+                     MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
+                     BF16_RNE=False)
         cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
                              num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
                              core=aot_core(tname, e, causal, dropout, first), targets=caps))
