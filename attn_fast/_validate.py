@@ -3,6 +3,7 @@ what was expected and what came."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +50,8 @@ def check_shape(fn: str, name: str, t: Optional[Tensor], expected: Sequence[Tupl
     """``t`` (if given) has one of the ``expected`` shapes."""
     if t is None:
         return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if tuple(t.shape) not in [tuple(e) for e in expected]:
         want = " or ".join(str(tuple(e)) for e in expected)
         raise ValueError(f"{fn}: {name} must have shape {want}, got {tuple(t.shape)}")
@@ -76,3 +79,27 @@ def check_choice(fn: str, name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{fn}: {name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_bool(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_positive_int(fn: str, name: str, value, *, odd: bool = False) -> int:
+    """``value`` is an int >= 1 (and odd if ``odd``): a channel count, a head count, a kernel size."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < 1 or (odd and value % 2 != 1):
+        raise ValueError(f"{fn}: {name} must be {'odd and ' if odd else ''}>= 1, got {value}")
+    return int(value)
+
+
+def check_nonnegative_float(fn: str, name: str, value) -> float:
+    """``value`` is a finite real number >= 0 (an epsilon)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{fn}: {name} must be a finite float >= 0, got {value}")
+    return float(value)

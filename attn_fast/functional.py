@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import ops
 from ._validate import (
-    FLOAT_DTYPES, check_choice, check_probability, check_same, check_scale, check_shape, check_tensor)
+    FLOAT_DTYPES, check_bool, check_choice, check_nonnegative_float, check_probability, check_same, check_scale,
+    check_shape, check_tensor)
 from .reference import ACTIVATIONS, CAUSAL_ALIGNMENTS, GATES, POOLS, SPATIAL_ORDERS
 
 __all__ = ["scaled_dot_product_attention", "squeeze_excite", "efficient_channel_attention", "cbam", "MAX_HEAD_DIM"]
@@ -17,12 +18,6 @@ __all__ = ["scaled_dot_product_attention", "squeeze_excite", "efficient_channel_
 #: Largest query/key and value head size the kernels take (on every device, so a model that runs
 #: on the CPU path also runs on a GPU).
 MAX_HEAD_DIM = 256
-
-
-def _check_bool(fn: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def scaled_dot_product_attention(
@@ -81,8 +76,8 @@ def scaled_dot_product_attention(
     for name, size in (("query/key head size", e), ("value head size", ev)):
         if not 1 <= size <= MAX_HEAD_DIM:
             raise ValueError(f"{fn}: {name} must be in 1..{MAX_HEAD_DIM}, got {size}")
-    _check_bool(fn, "is_causal", is_causal)
-    _check_bool(fn, "enable_gqa", enable_gqa)
+    check_bool(fn, "is_causal", is_causal)
+    check_bool(fn, "enable_gqa", enable_gqa)
     if hq != hk:
         if not enable_gqa:
             raise ValueError(f"{fn}: query has {hq} heads but key/value have {hk}; "
@@ -114,14 +109,22 @@ def _check_fc(fn: str, name: str, w: Tensor, out_features: Optional[int], in_fea
     if w.dim() == 4 and tuple(w.shape[2:]) != (1, 1):
         raise ValueError(f"{fn}: {name} must be a 1x1 conv weight (out, in, 1, 1), got {tuple(w.shape)}")
     out = out_features if out_features is not None else w.shape[0]
-    if w.shape[0] != out or w.shape[1] != in_features or out < 1:
+    if out < 1:
+        raise ValueError(f"{fn}: {name} must have at least one output channel (dim 0), got shape {tuple(w.shape)}")
+    if w.shape[0] != out or w.shape[1] != in_features:
         raise ValueError(f"{fn}: {name} must have shape ({out}, {in_features}) or "
                          f"({out}, {in_features}, 1, 1), got {tuple(w.shape)}")
     return out
 
 
-def _check_image(fn: str, x) -> Tensor:
-    return check_tensor(fn, "x", x, ndims=(4,), legend="(N, C, H, W)")
+def _check_image(fn: str, x, *, max_pool: bool = False) -> Tensor:
+    """x is (N, C, H, W) with C >= 1 (and H * W >= 1 where the op takes a max over H, W)."""
+    check_tensor(fn, "x", x, ndims=(4,), legend="(N, C, H, W)")
+    if x.shape[1] < 1:
+        raise ValueError(f"{fn}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
+    if max_pool and x.shape[2] * x.shape[3] < 1:
+        raise ValueError(f"{fn}: x must have H * W >= 1 (the op takes a max over H, W), got shape {tuple(x.shape)}")
+    return x
 
 
 def squeeze_excite(
@@ -155,7 +158,7 @@ def squeeze_excite(
             scaling kernels, which costs one more pass over x in the backward.
     """
     fn = "squeeze_excite"
-    _check_image(fn, x)
+    _check_image(fn, x, max_pool=pool == "avgmax")
     c = x.shape[1]
     cr = _check_fc(fn, "fc1_weight", fc1_weight, None if fc2_weight is not None else c, c)
     check_shape(fn, "fc1_bias", fc1_bias, [(cr,)])
@@ -237,14 +240,14 @@ def cbam(
             uses batch statistics and updates the running ones.
     """
     fn = "cbam"
-    _check_image(fn, x)
+    _check_image(fn, x, max_pool=True)
     c = x.shape[1]
     cr = _check_fc(fn, "fc1_weight", fc1_weight, None, c)
     _check_fc(fn, "fc2_weight", fc2_weight, c, cr)
     check_shape(fn, "fc1_bias", fc1_bias, [(cr,)])
     check_shape(fn, "fc2_bias", fc2_bias, [(c,)])
     check_tensor(fn, "conv_weight", conv_weight, ndims=(4,), legend="(1, 2, k, k)")
-    _check_bool(fn, "light", light)
+    check_bool(fn, "light", light)
     maps = 1 if light else 2
     k = conv_weight.shape[-1]
     if tuple(conv_weight.shape) != (1, maps, k, k) or k % 2 == 0:
@@ -260,6 +263,7 @@ def cbam(
     if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum <= 1.0:
         raise ValueError(f"{fn}: bn_momentum must be a float in [0, 1] (BatchNorm's momentum=None is not "
                          f"supported), got {bn_momentum!r}")
+    bn_eps = check_nonnegative_float(fn, "bn_eps", bn_eps)
     if (bn_running_mean is None) != (bn_running_var is None):
         raise ValueError(f"{fn}: give both bn_running_mean and bn_running_var, or neither")
     if bn_running_mean is None and bn_weight is not None and not bn_training:
@@ -273,7 +277,7 @@ def cbam(
     check_choice(fn, "gate", gate, tuple(GATES))
     if channel_gate is not None:
         check_choice(fn, "channel_gate", channel_gate, tuple(GATES))
-    _check_bool(fn, "bn_training", bn_training)
+    check_bool(fn, "bn_training", bn_training)
     if bn_training and (bn_weight is not None or bn_running_mean is not None) and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"{fn}: BatchNorm in training mode needs more than one value per channel: "
                          f"x {tuple(x.shape)} gives N * H * W = {x.shape[0] * x.shape[2] * x.shape[3]}")

@@ -225,6 +225,12 @@ def verify(original: nn.Module, converted: nn.Module, example_inputs: Any, *, dt
     Returns:
         A :class:`VerifyReport`; ``report.passed`` is the verdict, ``print(report)`` the table.
     """
+    for name, model in (("original", original), ("converted", converted)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"verify: {name} must be an nn.Module, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"verify: dtype must be a floating torch.dtype (float16, bfloat16, float32, float64) or None, "
+                        f"got {dtype!r}")
     if isinstance(example_inputs, Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if dtype is None:

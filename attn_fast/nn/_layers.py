@@ -3,13 +3,15 @@ module computes (by its exact class, so a subclass with its own forward is never
 and whether a convolution is the pointwise one the kernels assume."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .._validate import FLOAT_DTYPES, check_tensor
+
 __all__ = ["UnsupportedLayerError", "activation_name", "gate_name", "make_activation", "ActivationSpec",
-           "check_pointwise_conv", "make_divisible"]
+           "check_pointwise_conv", "make_divisible", "check_input"]
 
 #: What a constructor takes for an activation or gate: a name (ours or timm's), a module class (or
 #: any callable returning a module, as torchvision takes), or a module.
@@ -133,3 +135,23 @@ def cast_for_autocast(w: Optional[torch.Tensor], x: torch.Tensor) -> Optional[to
     if w is None or w.dtype == x.dtype or not torch.is_autocast_enabled(x.device.type):
         return w
     return w.to(x.dtype)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def check_input(owner: str, name: str, x, weight: torch.Tensor, *, ndims: Sequence[int] = (), legend: str = "",
+                channels: Optional[int] = None, dim: int = 1, unit: str = "channels") -> torch.Tensor:
+    """A module's input ``x``: a floating tensor of one of ``ndims``, with ``channels`` along ``dim``, on
+    the device of the module's ``weight`` and (unless autocast is on, which casts) of its dtype."""
+    check_tensor(owner, name, x, ndims=ndims, dtypes=FLOAT_DTYPES, legend=legend)
+    if channels is not None and x.shape[dim] != channels:
+        raise ValueError(f"{owner}: {name} must have {channels} {unit} (dim {dim}), got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{owner}: {name} is on {x.device} but the module's parameters are on {weight.device}; "
+                         "move them to the same device")
+    if x.dtype != weight.dtype and not _autocast_on(x.device):
+        raise TypeError(f"{owner}: {name} has dtype {x.dtype} but the module's parameters have {weight.dtype}; "
+                        "they must match (convert the module with .to(dtype), or run under torch.autocast)")
+    return x

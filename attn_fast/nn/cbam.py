@@ -10,7 +10,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast,
+from .._validate import check_bool, check_positive_int
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast, check_input,
                       check_pointwise_conv, gate_name, make_activation, make_divisible)
 from .squeeze_excite import _adopt, _original_forward
 
@@ -63,12 +64,17 @@ class CBAM(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if spatial_kernel_size % 2 != 1:
-            raise ValueError(f"CBAM: spatial_kernel_size must be odd, got {spatial_kernel_size}")
+        check_positive_int("CBAM", "channels", channels)
+        check_positive_int("CBAM", "spatial_kernel_size", spatial_kernel_size, odd=True)
+        check_bool("CBAM", "light", light)
         if not rd_channels:
+            check_positive_int("CBAM", "rd_divisor", rd_divisor)
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        check_positive_int("CBAM", "rd_channels", rd_channels)
         self.light = light
         self.channel = _ChannelAttn(channels, rd_channels, act_layer, gate_layer, mlp_bias, **dd)
+        if not light:  # the light module's channel gate is a sigmoid whatever gate_layer is (as timm's)
+            gate_name(self.channel.gate, "gate_layer")
         # timm's light spatial half builds its gate without gate_layer (a sigmoid)
         self.spatial = _SpatialAttn(1 if light else 2, spatial_kernel_size, "sigmoid" if light else gate_layer, **dd)
         self._config()
@@ -99,6 +105,7 @@ class CBAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ch, conv = self.channel, self.spatial.conv.conv
+        check_input("CBAM", "x", x, ch.fc1.weight, ndims=(4,), legend="(N, C, H, W)", channels=ch.fc1.weight.shape[1])
         bn = self._bn_arguments()
         for key in ("bn_weight", "bn_bias"):
             bn[key] = cast_for_autocast(bn[key], x)

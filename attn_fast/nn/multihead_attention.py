@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional
-from ._layers import UnsupportedLayerError
+from .._validate import FLOAT_DTYPES, check_positive_int, check_probability, check_same, check_tensor
+from ._layers import UnsupportedLayerError, _autocast_on
+
+_FN = "MultiheadAttention"
 
 __all__ = ["MultiheadAttention"]
 
@@ -27,6 +30,8 @@ def _sdpa_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optiona
     convention of scaled_dot_product_attention (bool True = may attend, or float of the query's dtype)."""
     if mask is None:
         return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{_FN}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
@@ -63,9 +68,29 @@ class MultiheadAttention(nn.MultiheadAttention):
       inference path, which reads the parameters directly and does not call this module.
     """
 
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None) -> None:
+        check_positive_int(_FN, "embed_dim", embed_dim)
+        check_positive_int(_FN, "num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"{_FN}: embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
+                             f"num_heads={num_heads}")
+        if embed_dim // num_heads > functional.MAX_HEAD_DIM:
+            raise ValueError(f"{_FN}: the head size embed_dim // num_heads must be at most {functional.MAX_HEAD_DIM} "
+                             f"(the kernels' limit), got {embed_dim} // {num_heads} = {embed_dim // num_heads}")
+        for name, width in (("kdim", kdim), ("vdim", vdim)):
+            if width is not None:
+                check_positive_int(_FN, name, width)
+        check_probability(_FN, "dropout", dropout)
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        self._check(query, key, value)
         if need_weights:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
@@ -74,8 +99,16 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
+            check_tensor(_FN, name, t, dtypes=FLOAT_DTYPES)
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        autocast = _autocast_on(query.device)
+        check_same(_FN, ("query", query), ("key", key), ("value", value), dtype=not autocast)
+        if query.device != weight.device:
+            raise ValueError(f"{_FN}: query is on {query.device} but the module's parameters are on "
+                             f"{weight.device}; move them to the same device")
+        if query.dtype != weight.dtype and not autocast:
+            raise TypeError(f"{_FN}: query has dtype {query.dtype} but the module's parameters have {weight.dtype}; "
+                            "they must match (convert the module with .to(dtype), or run under torch.autocast)")
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"MultiheadAttention: query, key and value must all be 3-D (batched) or 2-D "
                              f"(unbatched), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
@@ -108,7 +141,6 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _fused(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
-        self._check(query, key, value)
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask; "
                                "pass attn_mask too (as torch requires)")
@@ -124,10 +156,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         use_causal = is_causal and key_padding_mask is None      # trust the hint, as torch does
         mask = None if use_causal else _sdpa_mask(attn_mask, "attn_mask", q.dtype)
         pad = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        if mask is not None and mask.dim() == 2 and tuple(mask.shape) != (q.shape[0], k.shape[0]):
+            raise ValueError(f"{_FN}: a 2-D attn_mask must have shape (target length, source length) = "
+                             f"{(q.shape[0], k.shape[0])}, got {tuple(attn_mask.shape)}")
         if mask is not None and mask.dim() == 3:
-            if mask.shape[0] != n * h:
-                raise ValueError(f"MultiheadAttention: a 3-D attn_mask must have batch * num_heads = {n * h} "
-                                 f"rows, got shape {tuple(attn_mask.shape)}")
+            if tuple(mask.shape) != (n * h, q.shape[0], k.shape[0]):
+                raise ValueError(f"{_FN}: a 3-D attn_mask must have shape (batch * num_heads, target length, "
+                                 f"source length) = {(n * h, q.shape[0], k.shape[0])}, got {tuple(attn_mask.shape)}")
             mask = mask.reshape(n, h, *mask.shape[1:])
         if pad is not None:
             if tuple(pad.shape) != (n, key.shape[0]):

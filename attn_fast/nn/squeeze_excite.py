@@ -24,7 +24,8 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from .. import functional
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast,
+from .._validate import check_positive_int
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast, check_input,
                       check_pointwise_conv, gate_name, make_activation, make_divisible)
 
 __all__ = ["SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule"]
@@ -66,6 +67,8 @@ class _SqueezeExciteBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2, norm = self._fcs()
         act, gate = self._names()
+        check_input(type(self).__name__, "x", x, fc1.weight, ndims=(4,), legend="(N, C, H, W)",
+                    channels=fc1.weight.shape[1])
         return functional.squeeze_excite(
             x, cast_for_autocast(fc1.weight, x), cast_for_autocast(fc1.bias, x),
             None if fc2 is None else cast_for_autocast(fc2.weight, x),
@@ -92,6 +95,8 @@ class SqueezeExcite(_SqueezeExciteBase):
                  activation: ActivationSpec = nn.ReLU, scale_activation: ActivationSpec = nn.Sigmoid,
                  *, device=None, dtype=None) -> None:
         super().__init__()
+        check_positive_int("SqueezeExcite", "input_channels", input_channels)
+        check_positive_int("SqueezeExcite", "squeeze_channels", squeeze_channels)
         dd = dict(device=device, dtype=dtype)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # no state; kept for the original's attribute set
         self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1, **dd)
@@ -137,15 +142,19 @@ class SEModule(_SqueezeExciteBase):
                  act_layer: ActivationSpec = nn.ReLU, norm_layer: Optional[Callable[..., nn.Module]] = None,
                  gate_layer: ActivationSpec = "sigmoid", device=None, dtype=None) -> None:
         super().__init__()
+        check_positive_int("SEModule", "channels", channels)
         dd = dict(device=device, dtype=dtype)
         self.add_maxpool = add_maxpool
         if not rd_channels:
+            check_positive_int("SEModule", "rd_divisor", rd_divisor)
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        check_positive_int("SEModule", "rd_channels", rd_channels)
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
         self.bn = norm_layer(rd_channels, **dd) if norm_layer else nn.Identity()
         self.act = make_activation(act_layer, "act_layer")
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
         self.gate = make_activation(gate_layer, "gate_layer")
+        gate_name(self.gate, "gate_layer")
         self._names()
 
     @property
@@ -178,9 +187,11 @@ class EffectiveSEModule(_SqueezeExciteBase):
     def __init__(self, channels: int, add_maxpool: bool = False, gate_layer: ActivationSpec = "hard_sigmoid",
                  device=None, dtype=None, **_) -> None:
         super().__init__()
+        check_positive_int("EffectiveSEModule", "channels", channels)
         self.add_maxpool = add_maxpool
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, padding=0, device=device, dtype=dtype)
         self.gate = make_activation(gate_layer, "gate_layer")
+        gate_name(self.gate, "gate_layer")
         self._names()
 
     @property
@@ -218,13 +229,20 @@ class EfficientNetSqueezeExcite(_SqueezeExciteBase):
                  force_act_layer: Optional[ActivationSpec] = None, rd_round_fn: Optional[Callable] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        fn = "EfficientNetSqueezeExcite"
+        check_positive_int(fn, "in_chs", in_chs)
         dd = dict(device=device, dtype=dtype)
         if rd_channels is None:
             rd_channels = (rd_round_fn or round)(in_chs * rd_ratio)
+            if isinstance(rd_channels, int) and rd_channels < 1:
+                raise ValueError(f"{fn}: rd_channels (in_chs * rd_ratio = {in_chs} * {rd_ratio}, rounded) must be "
+                                 f">= 1, got {rd_channels}; raise rd_ratio or pass rd_channels")
+        check_positive_int(fn, "rd_channels", rd_channels)
         self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1, bias=True, **dd)
         self.act1 = make_activation(force_act_layer or act_layer, "act_layer")
         self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1, bias=True, **dd)
         self.gate = make_activation(gate_layer, "gate_layer")
+        gate_name(self.gate, "gate_layer")
         self._names()
 
     def _fcs(self):
@@ -255,20 +273,21 @@ class EcaModule(nn.Module):
                  gate_layer: ActivationSpec = "sigmoid", device=None, dtype=None) -> None:
         super().__init__()
         if channels is not None:  # the adaptive kernel size of the paper, as timm computes it
+            check_positive_int("EcaModule", "channels", channels)
             t = int(abs(math.log(channels, 2) + beta) / gamma)
             kernel_size = max(t if t % 2 else t + 1, 3)
-        if kernel_size % 2 != 1:
-            raise ValueError(f"EcaModule: kernel_size must be odd, got {kernel_size}")
+        check_positive_int("EcaModule", "kernel_size", kernel_size, odd=True)
         self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False,
                               device=device, dtype=dtype)
         self.gate = make_activation(gate_layer, "gate_layer")
-        self._gate_name()
+        gate_name(self.gate, "gate_layer")
 
     def _gate_name(self) -> str:
         gate = gate_name(self.gate)
         return gate
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input("EcaModule", "x", x, self.conv.weight, ndims=(4,), legend="(N, C, H, W)")
         return functional.efficient_channel_attention(x, cast_for_autocast(self.conv.weight, x),
                                                       gate=self._gate_name())
 

@@ -12,7 +12,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional
-from ._layers import UnsupportedLayerError
+from ._layers import UnsupportedLayerError, check_input
 from .squeeze_excite import _adopt, _original_forward
 
 __all__ = ["VitAttention"]
@@ -28,6 +28,8 @@ class VitAttention(nn.Module):
     scaled_dot_product_attention's convention: bool True = may attend, or an additive float mask)."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        check_input("VitAttention", "x", x, self.qkv.weight, ndims=(3,), legend="(B, N, C)",
+                    channels=self.qkv.in_features, dim=2, unit="features")
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
