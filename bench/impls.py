@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -160,16 +160,23 @@ def _module_inputs(module: nn.Module, x: Tensor, requires_grad: bool) -> List[Te
     return ([x] if requires_grad else []) + [p for p in module.parameters() if p.requires_grad]
 
 
+def _functional(name: str, ours: Callable, ref: Callable, inputs: Dict[str, Any]) -> Optional[Prepared]:
+    """attn_fast's function, the reference eager or compiled, all called with ``inputs``; None for a
+    module implementation."""
+    fn = {OURS: ours, "reference": ref}.get(name)
+    if name == "reference+compile":
+        fn = _compiled(ref)
+    if fn is None:
+        return None
+    return Prepared(lambda: fn(**inputs), _leaves(inputs))
+
+
 def _se(name: str, case: Case, inputs: Dict[str, Any]) -> Prepared:
     x, p = inputs["x"], case.params
-    leaves, grad = _leaves(inputs), x.requires_grad
-    if name == OURS:
-        return Prepared(lambda: attn_fast.squeeze_excite(**inputs), leaves)
-    if name == "reference":
-        return Prepared(lambda: reference.squeeze_excite(**inputs), leaves)
-    if name == "reference+compile":
-        fn = _compiled(reference.squeeze_excite)
-        return Prepared(lambda: fn(**inputs), leaves)
+    grad = x.requires_grad
+    functional = _functional(name, attn_fast.squeeze_excite, reference.squeeze_excite, inputs)
+    if functional is not None:
+        return functional
     weights = {"fc1.weight": inputs["fc1_weight"], "fc1.bias": inputs["fc1_bias"],
                "fc2.weight": inputs["fc2_weight"], "fc2.bias": inputs["fc2_bias"]}
     act, gate = _ACTIVATIONS[p["act"]], _ACTIVATIONS[p["gate"]]
@@ -194,14 +201,10 @@ def _se(name: str, case: Case, inputs: Dict[str, Any]) -> Prepared:
 
 def _cbam(name: str, case: Case, inputs: Dict[str, Any]) -> Prepared:
     x, p = inputs["x"], case.params
-    leaves, grad = _leaves(inputs), x.requires_grad
-    if name == OURS:
-        return Prepared(lambda: attn_fast.cbam(**inputs), leaves)
-    if name == "reference":
-        return Prepared(lambda: reference.cbam(**inputs), leaves)
-    if name == "reference+compile":
-        fn = _compiled(reference.cbam)
-        return Prepared(lambda: fn(**inputs), leaves)
+    grad = x.requires_grad
+    functional = _functional(name, attn_fast.cbam, reference.cbam, inputs)
+    if functional is not None:
+        return functional
     if not name.startswith("timm"):
         raise ValueError(f"unknown CBAM implementation {name!r}")
     try:
