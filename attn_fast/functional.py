@@ -31,6 +31,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     causal_alignment: str = "top_left",
+    deterministic: bool = False,
 ) -> Tensor:
     r"""Fused softmax(Q K^T * scale + mask) V; a drop-in for
     ``torch.nn.functional.scaled_dot_product_attention``.
@@ -51,6 +52,11 @@ def scaled_dot_product_attention(
         enable_gqa (bool): grouped-query / multi-query attention.
         causal_alignment (str): "top_left" (torch's ``is_causal``: query i sees keys j <= i) or
             "lower_right" (query i sees keys j <= i + Lk - Lq, as FlashAttention).
+        deterministic (bool): bitwise reproducible forward and backward, in every process. The
+            forward and dq, dk, dv are reproducible within a process anyway (no atomics); this mode
+            also takes fixed tile configs instead of timed ones and sums a broadcast float mask's
+            gradient without atomics (through an fp32 (B, Hq, Lq, Lk) buffer).
+            ``torch.use_deterministic_algorithms(True)`` turns it on for every call.
 
     Returns:
         Tensor (B, Hq, Lq, Ev) in query's dtype. Rows whose keys are all masked give zeros.
@@ -99,8 +105,9 @@ def scaled_dot_product_attention(
     dropout_p = check_probability(fn, "dropout_p", dropout_p)
     scale = check_scale(fn, scale)
     check_choice(fn, "causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    check_bool(fn, "deterministic", deterministic)
     return ops.attention.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment)
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment, deterministic)
 
 
 def _check_fc(fn: str, name: str, w: Tensor, out_features: Optional[int], in_features: int) -> int:

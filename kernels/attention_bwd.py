@@ -296,12 +296,18 @@ DELTA_WARPS = 8
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
                   causal_offset: int, allow_tf32: bool = False, dropout_p: float = 0.0,
-                  dropout_seed: int = 0, mask_grad: bool = False
+                  dropout_seed: int = 0, mask_grad: bool = False, deterministic: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients (dq, dk, dv, dmask) of attention_fwd's output given dO; dq, dk, dv have the shapes
     of q, k, v (contiguous). ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units;
     ``mask`` as in attention_fwd. With ``mask_grad`` (a float mask), dmask is the gradient of the
-    mask in its own shape and dtype (summed over its broadcast dimensions), else None."""
+    mask in its own shape and dtype (summed over its broadcast dimensions), else None.
+
+    dq, dk, dv are always deterministic (each element is written once by one program). A mask
+    gradient summed over broadcast dimensions is added with fp32 atomics, whose order varies from
+    run to run on a GPU; with ``deterministic`` it is written once per (b, h, i, j) into a full
+    (B, Hq, Lq, Lk) fp32 buffer and summed by torch instead (more memory, same bits every run), and
+    the tile configs are the first candidates rather than the timed fastest."""
     b, h, lq, e = q.shape
     hk, lk, ev = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -329,6 +335,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     mask_kind, mask_arg, ms = mask_args(mask, q, lk)
     grad_mode, dmask_arg, gs = _mask_grad_args(dmask, q, lk)
+    full_dmask = None
+    if deterministic and grad_mode in (MASK_GRAD_ATOMIC, MASK_GRAD_ROWSUM):
+        full_dmask = torch.zeros((b, h, lq, lk), device=q.device, dtype=torch.float32)
+        grad_mode, dmask_arg, gs = MASK_GRAD_STORE, full_dmask, full_dmask.stride()
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
@@ -351,11 +361,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     key = (q.device, q.dtype, tuple(sorted(common.items())), bucket(lq), bucket(lk), bucket(b * h))
-    cfg_kv = pick(("attn_bwd_dkdv", grad_mode, hk != h) + key, cands_kv, launch_dkdv)
-    if dmask is not None:
+    cfg_kv = pick(("attn_bwd_dkdv", grad_mode, hk != h) + key, cands_kv, launch_dkdv, deterministic=deterministic)
+    if dmask is not None and full_dmask is None:
         dmask.zero_()  # timed runs (if any) added into it
     launch_dkdv(cfg_kv)
-    launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq))
+    launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq, deterministic=deterministic))
+    if full_dmask is not None:  # sum over the mask's broadcast dimensions, in a fixed order
+        dims = [i for i, (size, full) in enumerate(zip(dmask.shape, full_dmask.shape)) if size != full]
+        dmask = full_dmask.sum(dims, keepdim=True)
     return dq, dk, dv, None if dmask is None else dmask.to(mask.dtype)
 
 

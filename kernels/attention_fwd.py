@@ -223,11 +223,13 @@ def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor,
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool = False,
-                  dropout_p: float = 0.0, dropout_seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                  dropout_p: float = 0.0, dropout_seed: int = 0,
+                  deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Hq, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev) any strides;
     mask None, or a bool or float 4-D tensor broadcastable to (B, Hq, Lq, Lk) (read through strides).
     ``dropout_p`` > 0 drops attention weights by Philox draws from ``dropout_seed`` (see
-    dropout_keep_mask for the exact mask).
+    dropout_keep_mask for the exact mask). ``deterministic`` takes the first tile config instead of
+    the timed fastest (see tuning.enabled), so the result's bits do not depend on a timing.
     Returns out (B, Hq, Lq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) fp32, the log-sum-exp of
     each row in log2 units (natural log-sum-exp * log2(e); -inf for fully-masked rows). Keeping base 2
     lets the backward recompute P = exp2(S * log2(e) - lse) with no rounding at the magnitude of the
@@ -255,7 +257,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
 
     key = ("attn_fwd", q.device, q.dtype, tuple(sorted(flags.items())), bucket(lq), bucket(lk), bucket(b * h))
-    launch(pick(key, launch_configs(q, pad_e, pad_ev, dropout_p > 0.0), launch))
+    launch(pick(key, launch_configs(q, pad_e, pad_ev, dropout_p > 0.0), launch, deterministic=deterministic))
     return out, lse
 
 

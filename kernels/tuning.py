@@ -14,13 +14,16 @@ knows how to do; it also behaves the same on every triton from 3.6 to 3.9.
 
 ``ATTN_FAST_AUTOTUNE=0`` turns timing off: every launch takes its first candidate (no warm-up
 cost, and the same config on every run, for CUDA-graph capture or bitwise reproducibility across
-processes).
+processes). Deterministic mode (``torch.use_deterministic_algorithms(True)``, or a launcher called
+with ``deterministic=True``) does the same: the tile shapes fix the order of the floating-point sums,
+so a config picked by timing could differ from one process to the next, and so could the last bits.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable, Dict, Hashable, Sequence, Tuple
 
+import torch
 import triton
 
 __all__ = ["Config", "bench", "bucket", "clear_cache", "enabled", "pick"]
@@ -31,8 +34,11 @@ Config = Tuple[int, int, int, int]
 _CACHE: Dict[Hashable, Config] = {}
 
 
-def enabled() -> bool:
-    """Whether :func:`pick` times candidates (``ATTN_FAST_AUTOTUNE``, default on)."""
+def enabled(deterministic: bool = False) -> bool:
+    """Whether :func:`pick` times candidates: ``ATTN_FAST_AUTOTUNE`` (default on), and not in
+    deterministic mode (``deterministic`` or ``torch.are_deterministic_algorithms_enabled()``)."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return False
     return os.environ.get("ATTN_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -48,12 +54,13 @@ def bench(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
-def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], object]) -> Config:
+def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], object], *,
+         deterministic: bool = False) -> Config:
     """The fastest of ``candidates`` for problems of kind ``key``; ``launch(cfg)`` runs the kernel(s)
     with ``cfg`` on the caller's real arguments (so its outputs are overwritten by the caller's own
     launch afterwards). Timed once per key and process; with one candidate, or tuning off, the
-    first candidate."""
-    if len(candidates) == 1 or not enabled():
+    first candidate (also in deterministic mode, see :func:`enabled`)."""
+    if len(candidates) == 1 or not enabled(deterministic):
         return candidates[0]
     cfg = _CACHE.get(key)
     if cfg is None:

@@ -24,16 +24,18 @@ def _seed(seed: Optional[Tensor]) -> int:
 @torch.library.custom_op("attn_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                   causal_offset: int, allow_tf32: bool, dropout_p: float,
-                  seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                  seed: Optional[Tensor], deterministic: bool = False) -> Tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq) fp32 in log2 units) from the Triton forward. ``seed`` is a
-    one-element int64 tensor (the Philox seed of dropout), None without dropout."""
+    one-element int64 tensor (the Philox seed of dropout), None without dropout. ``deterministic``
+    (also for the backward of this call) fixes the tile configs and avoids atomics."""
     from ..kernels.attention_fwd import attention_fwd as launch
 
-    return launch(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, _seed(seed))
+    return launch(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, _seed(seed),
+                  deterministic or torch.are_deterministic_algorithms_enabled())
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed):
+def _(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, deterministic=False):
     b, h, lq, _ = q.shape
     return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, lq), dtype=torch.float32)
 
@@ -41,34 +43,39 @@ def _(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, see
 @torch.library.custom_op("attn_fast::attention_bwd", mutates_args=())
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                   scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool, dropout_p: float,
-                  seed: Optional[Tensor], mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  seed: Optional[Tensor], mask_grad: bool,
+                  deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask) from the Triton backward; dmask has the float mask's shape when
-    ``mask_grad``, else it is an empty placeholder (ops cannot return None)."""
+    ``mask_grad``, else it is an empty placeholder (ops cannot return None). ``deterministic``, or
+    ``torch.use_deterministic_algorithms(True)`` when the backward runs, gives the same bits every run."""
     from ..kernels.attention_bwd import attention_bwd as launch
 
     dq, dk, dv, dmask = launch(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32,
-                               dropout_p, _seed(seed), mask_grad)
+                               dropout_p, _seed(seed), mask_grad,
+                               deterministic or torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, mask_grad):
+def _(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, mask_grad,
+      deterministic=False):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed = inputs
+    q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
     ctx.args = (scale, is_causal, causal_offset, allow_tf32, dropout_p)
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed, mask_grad)
-    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed, mask_grad, ctx.deterministic)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -91,7 +98,7 @@ def dropout_keep_mask(seed: Tensor, shape: Tuple[int, int, int, int], dropout_p:
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: Optional[float],
-                                 enable_gqa: bool, causal_alignment: str) -> Tensor:
+                                 enable_gqa: bool, causal_alignment: str, deterministic: bool = False) -> Tensor:
     path = route(OP, query.device, query.dtype)
     if path.path == "reference":
         return reference.scaled_dot_product_attention(
@@ -108,5 +115,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     causal_offset = 0 if causal_alignment == "top_left" else lk - lq
     allow_tf32 = query.dtype == torch.float32 and query.is_cuda and torch.backends.cuda.matmul.allow_tf32
     seed = draw_dropout_seed() if dropout_p > 0.0 else None
-    out, _ = attention_fwd(query, key, value, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed)
+    out, _ = attention_fwd(query, key, value, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed,
+                           deterministic)
     return out.squeeze(0) if unbatched else out
