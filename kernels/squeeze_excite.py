@@ -430,12 +430,16 @@ def se_grad_input(dy: Optional[torch.Tensor], x: torch.Tensor, s: torch.Tensor, 
 
 
 def _like(t: torch.Tensor, channels_last: bool) -> Tuple[torch.Tensor, Tuple[int, int, int], bool]:
-    """``t`` (an upstream gradient) in the layout the kernels read x in: used as is when it already
-    has it, else copied (autograd may hand over a gradient in another memory format)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not t.is_contiguous(memory_format=fmt):
-        t = t.contiguous(memory_format=fmt)
+    """``t`` (an upstream gradient) and its (stride_n, stride_c, stride_hw): read in place when its H
+    and W flatten to one index (NCHW or channels_last, whichever x has: the kernels take its strides
+    apart from x's), else copied to x's layout."""
     n, c, h, w = t.shape
+    if t.is_contiguous():
+        return t, (c * h * w, h * w, 1), channels_last
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t, (h * w * c, 1, c), channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = t.contiguous(memory_format=fmt)
     return t, ((h * w * c, 1, c) if channels_last else (c * h * w, h * w, 1)), channels_last
 
 

@@ -28,10 +28,13 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq) fp32 in log2 units) from the Triton forward. ``seed`` is a
     one-element int64 tensor (the Philox seed of dropout), None without dropout. ``deterministic``
     (also for the backward of this call) fixes the tile configs and avoids atomics."""
-    from ..kernels.attention_fwd import attention_fwd as launch
+    from ..kernels.interpreter import kernel_section
 
-    return launch(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, _seed(seed),
-                  deterministic or torch.are_deterministic_algorithms_enabled())
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.attention_fwd import attention_fwd as launch
+
+        return launch(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, _seed(seed),
+                      deterministic or torch.are_deterministic_algorithms_enabled())
 
 
 @attention_fwd.register_fake
@@ -48,12 +51,15 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     """(dq, dk, dv, dmask) from the Triton backward; dmask has the float mask's shape when
     ``mask_grad``, else it is an empty placeholder (ops cannot return None). ``deterministic``, or
     ``torch.use_deterministic_algorithms(True)`` when the backward runs, gives the same bits every run."""
-    from ..kernels.attention_bwd import attention_bwd as launch
+    from ..kernels.interpreter import kernel_section
 
-    dq, dk, dv, dmask = launch(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32,
-                               dropout_p, _seed(seed), mask_grad,
-                               deterministic or torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.attention_bwd import attention_bwd as launch
+
+        dq, dk, dv, dmask = launch(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32,
+                                   dropout_p, _seed(seed), mask_grad,
+                                   deterministic or torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
 
 @attention_bwd.register_fake
@@ -92,8 +98,10 @@ def dropout_keep_mask(seed: Tensor, shape: Tuple[int, int, int, int], dropout_p:
     """The bool keep-mask (B, Hq, Lq, Lk) that the kernels applied for ``seed`` (a tensor from
     :func:`draw_dropout_seed`); needs CUDA or Triton's interpreter."""
     from ..kernels.attention_fwd import dropout_keep_mask as launch
+    from ..kernels.interpreter import kernel_section
 
-    return launch(_seed(seed), *shape, dropout_p, device)
+    with kernel_section():
+        return launch(_seed(seed), *shape, dropout_p, device)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],

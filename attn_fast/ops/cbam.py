@@ -62,34 +62,37 @@ def cbam_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
     """(y, avg, zmax, pre1, h, pre, ca, mean_c, max_c, cnt, logits, sa, bn_stats): the output and what
     the backward needs (all fp32 but y); bn_stats = [mean, invstd, unbiased var] of the BatchNorm
     (batch statistics in training mode, running ones in eval), empty without one."""
-    from ..kernels import cbam as K
+    from ..kernels.interpreter import kernel_section
 
-    n, c, hh, ww = x.shape
-    avg, zmax = K.channel_pools(x)
-    if light:
-        m = K.mlp(0.5 * avg + 0.5 * zmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
-        pre = m["out"]
-    else:
-        m = K.mlp(torch.cat([avg, zmax]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
-        pre = m["out"][:n] + m["out"][n:]
-    ca = gate_fn(channel_gate)(pre).contiguous()
-    mean_c, max_c, cnt = K.spatial_stats(x, ca)
-    k = conv_weight.shape[-1]
-    logits = F.conv2d(_maps(mean_c, max_c, x.shape, light, spatial_order), conv_weight.float(), _f32(conv_bias),
-                      padding=k // 2)
-    if not use_bn:
-        stats = x.new_empty((0,), dtype=torch.float32)
-    elif bn_training:
-        count = logits.numel()
-        var = logits.var(unbiased=False)
-        stats = torch.stack([logits.mean(), torch.rsqrt(var + bn_eps), var * count / max(count - 1, 1)])
-    else:
-        stats = torch.stack([bn_running_mean.float().reshape(()), torch.rsqrt(bn_running_var.float().reshape(()) + bn_eps),
-                             bn_running_var.float().reshape(())])
-    _, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
-    sa = gate_fn(gate)(gate_in).reshape(n, hh * ww).contiguous()
-    y = K.apply_gates(x, ca, sa)
-    return y, avg, zmax, m["pre1"], m["h"], pre, ca, mean_c, max_c, cnt, logits, sa, stats
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels import cbam as K
+
+        n, c, hh, ww = x.shape
+        avg, zmax = K.channel_pools(x)
+        if light:
+            m = K.mlp(0.5 * avg + 0.5 * zmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+            pre = m["out"]
+        else:
+            m = K.mlp(torch.cat([avg, zmax]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+            pre = m["out"][:n] + m["out"][n:]
+        ca = gate_fn(channel_gate)(pre).contiguous()
+        mean_c, max_c, cnt = K.spatial_stats(x, ca)
+        k = conv_weight.shape[-1]
+        logits = F.conv2d(_maps(mean_c, max_c, x.shape, light, spatial_order), conv_weight.float(), _f32(conv_bias),
+                          padding=k // 2)
+        if not use_bn:
+            stats = x.new_empty((0,), dtype=torch.float32)
+        elif bn_training:
+            count = logits.numel()
+            var = logits.var(unbiased=False)
+            stats = torch.stack([logits.mean(), torch.rsqrt(var + bn_eps), var * count / max(count - 1, 1)])
+        else:
+            stats = torch.stack([bn_running_mean.float().reshape(()), torch.rsqrt(bn_running_var.float().reshape(()) + bn_eps),
+                                 bn_running_var.float().reshape(())])
+        _, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
+        sa = gate_fn(gate)(gate_in).reshape(n, hh * ww).contiguous()
+        y = K.apply_gates(x, ca, sa)
+        return y, avg, zmax, m["pre1"], m["h"], pre, ca, mean_c, max_c, cnt, logits, sa, stats
 
 
 @cbam_fwd.register_fake
@@ -117,64 +120,67 @@ def cbam_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias, d conv_weight, d conv_bias,
     d bn_weight, d bn_bias); absent parameters get empty tensors."""
-    from ..kernels import cbam as K
+    from ..kernels.interpreter import kernel_section
 
-    n, c, hh, ww = x.shape
-    hw = hh * ww
-    dsa, dca, ties = K.backward_gates(dy, x, ca, sa, zmax)
-    # The spatial half on the maps: gate, BatchNorm, conv (fp32, torch's derivatives).
-    normed, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
-    dgate_in = _vjp(gate, gate_in, dsa.view(n, 1, hh, ww))
-    dbn_w = dbn_b = None
-    if use_bn:
-        if bn_weight is not None:
-            dbn_w = (dgate_in * normed).sum().reshape(1)
-        if bn_bias is not None:
-            dbn_b = dgate_in.sum().reshape(1)
-        dnormed = dgate_in * bn_weight.float() if bn_weight is not None else dgate_in
-        if bn_training:  # through the batch mean and variance too
-            dlogits = stats[1] * (dnormed - dnormed.mean() - normed * (dnormed * normed).mean())
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels import cbam as K
+
+        n, c, hh, ww = x.shape
+        hw = hh * ww
+        dsa, dca, ties = K.backward_gates(dy, x, ca, sa, zmax)
+        # The spatial half on the maps: gate, BatchNorm, conv (fp32, torch's derivatives).
+        normed, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
+        dgate_in = _vjp(gate, gate_in, dsa.view(n, 1, hh, ww))
+        dbn_w = dbn_b = None
+        if use_bn:
+            if bn_weight is not None:
+                dbn_w = (dgate_in * normed).sum().reshape(1)
+            if bn_bias is not None:
+                dbn_b = dgate_in.sum().reshape(1)
+            dnormed = dgate_in * bn_weight.float() if bn_weight is not None else dgate_in
+            if bn_training:  # through the batch mean and variance too
+                dlogits = stats[1] * (dnormed - dnormed.mean() - normed * (dnormed * normed).mean())
+            else:
+                dlogits = dnormed * stats[1]
         else:
-            dlogits = dnormed * stats[1]
-    else:
-        dlogits = dgate_in
-    k = conv_weight.shape[-1]
-    maps = _maps(mean_c, max_c, x.shape, light, spatial_order)
-    w32 = conv_weight.float()
-    dmaps, dconv_w, dconv_b = _aten.convolution_backward(
-        dlogits, maps, w32, [1] if conv_bias is not None else None, [1, 1], [k // 2, k // 2], [1, 1], False,
-        [0, 0], 1, [True, True, conv_bias is not None])
-    if light:
-        dmean = dmax = 0.5 * dmaps[:, 0]
-    else:
-        first, second = dmaps[:, 0], dmaps[:, 1]
-        dmean, dmax = (first, second) if spatial_order == "mean_max" else (second, first)
-    dmean = (dmean.reshape(n, hw) / c).contiguous()
-    dmax = (dmax.reshape(n, hw) / cnt).contiguous()
-    dca = dca + K.backward_stats(x, ca, dmean, dmax, max_c)
-    # The channel half: gate and the shared MLP on (N or 2N, C) rows.
-    dpre = _vjp(channel_gate, pre, dca)
-    if light:
-        dout, z = dpre, 0.5 * avg + 0.5 * zmax
-    else:
-        dout, z = torch.cat([dpre, dpre]), torch.cat([avg, zmax])
-    w1 = fc1_weight.reshape(fc1_weight.shape[0], -1).float()
-    w2 = fc2_weight.reshape(fc2_weight.shape[0], -1).float()
-    dw2, db2 = dout.t() @ h, dout.sum(0)
-    dpre1 = _vjp(activation, pre1, dout @ w2)
-    dw1, db1 = dpre1.t() @ z, dpre1.sum(0)
-    dz = dpre1 @ w1
-    davg, dzm = (0.5 * dz, 0.5 * dz) if light else (dz[:n], dz[n:])
-    dx = K.backward_input(dy, x, ca, sa, dmean, dmax, max_c, (davg / hw).contiguous(), (dzm / ties).contiguous(),
-                          zmax)
+            dlogits = dgate_in
+        k = conv_weight.shape[-1]
+        maps = _maps(mean_c, max_c, x.shape, light, spatial_order)
+        w32 = conv_weight.float()
+        dmaps, dconv_w, dconv_b = _aten.convolution_backward(
+            dlogits, maps, w32, [1] if conv_bias is not None else None, [1, 1], [k // 2, k // 2], [1, 1], False,
+            [0, 0], 1, [True, True, conv_bias is not None])
+        if light:
+            dmean = dmax = 0.5 * dmaps[:, 0]
+        else:
+            first, second = dmaps[:, 0], dmaps[:, 1]
+            dmean, dmax = (first, second) if spatial_order == "mean_max" else (second, first)
+        dmean = (dmean.reshape(n, hw) / c).contiguous()
+        dmax = (dmax.reshape(n, hw) / cnt).contiguous()
+        dca = dca + K.backward_stats(x, ca, dmean, dmax, max_c)
+        # The channel half: gate and the shared MLP on (N or 2N, C) rows.
+        dpre = _vjp(channel_gate, pre, dca)
+        if light:
+            dout, z = dpre, 0.5 * avg + 0.5 * zmax
+        else:
+            dout, z = torch.cat([dpre, dpre]), torch.cat([avg, zmax])
+        w1 = fc1_weight.reshape(fc1_weight.shape[0], -1).float()
+        w2 = fc2_weight.reshape(fc2_weight.shape[0], -1).float()
+        dw2, db2 = dout.t() @ h, dout.sum(0)
+        dpre1 = _vjp(activation, pre1, dout @ w2)
+        dw1, db1 = dpre1.t() @ z, dpre1.sum(0)
+        dz = dpre1 @ w1
+        davg, dzm = (0.5 * dz, 0.5 * dz) if light else (dz[:n], dz[n:])
+        dx = K.backward_input(dy, x, ca, sa, dmean, dmax, max_c, (davg / hw).contiguous(), (dzm / ties).contiguous(),
+                              zmax)
 
-    def like(grad: Optional[Tensor], param: Optional[Tensor]) -> Tensor:
-        if param is None or grad is None:  # a fresh empty each time: op outputs must not alias
-            return x.new_empty((0,))
-        return grad.reshape(param.shape).to(param.dtype)
+        def like(grad: Optional[Tensor], param: Optional[Tensor]) -> Tensor:
+            if param is None or grad is None:  # a fresh empty each time: op outputs must not alias
+                return x.new_empty((0,))
+            return grad.reshape(param.shape).to(param.dtype)
 
-    return (dx, like(dw1, fc1_weight), like(db1, fc1_bias), like(dw2, fc2_weight), like(db2, fc2_bias),
-            like(dconv_w, conv_weight), like(dconv_b, conv_bias), like(dbn_w, bn_weight), like(dbn_b, bn_bias))
+        return (dx, like(dw1, fc1_weight), like(db1, fc1_bias), like(dw2, fc2_weight), like(db2, fc2_bias),
+                like(dconv_w, conv_weight), like(dconv_b, conv_bias), like(dbn_w, bn_weight), like(dbn_b, bn_bias))
 
 
 @cbam_bwd.register_fake

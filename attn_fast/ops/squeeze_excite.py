@@ -27,10 +27,13 @@ def se_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight
            fc2_bias: Optional[Tensor], activation: str, gate: str,
            pool: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, z, zmax, pre1, h, pre2, s) from the Triton forward (kernels.squeeze_excite.se_forward)."""
-    from ..kernels.squeeze_excite import se_forward
+    from ..kernels.interpreter import kernel_section
 
-    out = se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)
-    return tuple(out[k] for k in _FWD_OUTPUTS)
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import se_forward
+
+        out = se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)
+        return tuple(out[k] for k in _FWD_OUTPUTS)
 
 
 @se_fwd.register_fake
@@ -49,32 +52,35 @@ def se_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
            fc2_bias: Optional[Tensor], z: Tensor, zmax: Tensor, pre1: Tensor, h: Tensor, pre2: Tensor, s: Tensor,
            activation: str, gate: str, pool: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); absent parameters get empty tensors."""
-    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+    from ..kernels.interpreter import kernel_section
 
-    g, cnt = se_reduce_grad(dy, x, zmax)                     # dL/ds, (N, C) fp32
-    dpre2 = _vjp(gate, pre2, g)
-    w1 = fc1_weight.reshape(fc1_weight.shape[0], -1).float()
-    if fc2_weight is not None:
-        w2 = fc2_weight.reshape(fc2_weight.shape[0], -1).float()
-        dw2, db2 = dpre2.t() @ h, dpre2.sum(0)
-        dpre1 = _vjp(activation, pre1, dpre2 @ w2)
-    else:
-        dpre1 = dpre2
-    dw1, db1 = dpre1.t() @ z, dpre1.sum(0)
-    dz = dpre1 @ w1                                          # (N, C)
-    hw = x.shape[2] * x.shape[3]
-    if pool == "avgmax":
-        dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
-    else:
-        dz_avg, dz_max = dz / hw, dz.new_empty((0,))
-    dx = se_grad_input(dy, x, s, dz_avg.contiguous(), dz_max.contiguous(), zmax)
-    def empty():  # a fresh one each time: the op's outputs must not alias each other
-        return x.new_empty((0,))
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
 
-    return (dx, dw1.reshape(fc1_weight.shape).to(fc1_weight.dtype),
-            empty() if fc1_bias is None else db1.to(fc1_bias.dtype),
-            empty() if fc2_weight is None else dw2.reshape(fc2_weight.shape).to(fc2_weight.dtype),
-            empty() if fc2_bias is None else db2.to(fc2_bias.dtype))
+        g, cnt = se_reduce_grad(dy, x, zmax)                     # dL/ds, (N, C) fp32
+        dpre2 = _vjp(gate, pre2, g)
+        w1 = fc1_weight.reshape(fc1_weight.shape[0], -1).float()
+        if fc2_weight is not None:
+            w2 = fc2_weight.reshape(fc2_weight.shape[0], -1).float()
+            dw2, db2 = dpre2.t() @ h, dpre2.sum(0)
+            dpre1 = _vjp(activation, pre1, dpre2 @ w2)
+        else:
+            dpre1 = dpre2
+        dw1, db1 = dpre1.t() @ z, dpre1.sum(0)
+        dz = dpre1 @ w1                                          # (N, C)
+        hw = x.shape[2] * x.shape[3]
+        if pool == "avgmax":
+            dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
+        else:
+            dz_avg, dz_max = dz / hw, dz.new_empty((0,))
+        dx = se_grad_input(dy, x, s, dz_avg.contiguous(), dz_max.contiguous(), zmax)
+        def empty():  # a fresh one each time: the op's outputs must not alias each other
+            return x.new_empty((0,))
+
+        return (dx, dw1.reshape(fc1_weight.shape).to(fc1_weight.dtype),
+                empty() if fc1_bias is None else db1.to(fc1_bias.dtype),
+                empty() if fc2_weight is None else dw2.reshape(fc2_weight.shape).to(fc2_weight.dtype),
+                empty() if fc2_bias is None else db2.to(fc2_bias.dtype))
 
 
 @se_bwd.register_fake
@@ -128,10 +134,13 @@ se_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("attn_fast::eca_fwd", mutates_args=())
 def eca_fwd(x: Tensor, conv_weight: Tensor, gate: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, z, pre, s) from the Triton ECA forward (kernels.squeeze_excite.eca_forward)."""
-    from ..kernels.squeeze_excite import eca_forward
+    from ..kernels.interpreter import kernel_section
 
-    out = eca_forward(x, conv_weight, gate)
-    return out["y"], out["z"], out["pre"], out["s"]
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import eca_forward
+
+        out = eca_forward(x, conv_weight, gate)
+        return out["y"], out["z"], out["pre"], out["s"]
 
 
 @eca_fwd.register_fake
@@ -145,17 +154,20 @@ def eca_bwd(dy: Tensor, x: Tensor, conv_weight: Tensor, z: Tensor, pre: Tensor, 
             gate: str) -> Tuple[Tensor, Tensor]:
     """(dx, d conv_weight): the passes over dy and x in Triton, the 1-D convolution's backward
     (transposed convolution and weight gradient) with torch ops in fp32 on (N, C) tensors."""
-    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+    from ..kernels.interpreter import kernel_section
 
-    k = conv_weight.numel()
-    empty = x.new_empty((0,), dtype=torch.float32)
-    g, _ = se_reduce_grad(dy, x, empty)
-    dpre = _vjp(gate, pre, g)[:, None, :]                    # (N, 1, C)
-    w = conv_weight.reshape(1, 1, k).float()
-    dz = torch.nn.functional.conv_transpose1d(dpre, w, padding=(k - 1) // 2)[:, 0]
-    dw = torch.nn.grad.conv1d_weight(z[:, None, :], w.shape, dpre, padding=(k - 1) // 2)
-    dx = se_grad_input(dy, x, s, (dz / (x.shape[2] * x.shape[3])).contiguous(), empty, empty.clone())
-    return dx, dw.reshape(conv_weight.shape).to(conv_weight.dtype)
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+        k = conv_weight.numel()
+        empty = x.new_empty((0,), dtype=torch.float32)
+        g, _ = se_reduce_grad(dy, x, empty)
+        dpre = _vjp(gate, pre, g)[:, None, :]                    # (N, 1, C)
+        w = conv_weight.reshape(1, 1, k).float()
+        dz = torch.nn.functional.conv_transpose1d(dpre, w, padding=(k - 1) // 2)[:, 0]
+        dw = torch.nn.grad.conv1d_weight(z[:, None, :], w.shape, dpre, padding=(k - 1) // 2)
+        dx = se_grad_input(dy, x, s, (dz / (x.shape[2] * x.shape[3])).contiguous(), empty, empty.clone())
+        return dx, dw.reshape(conv_weight.shape).to(conv_weight.dtype)
 
 
 @eca_bwd.register_fake
@@ -194,9 +206,12 @@ def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Te
 @torch.library.custom_op("attn_fast::channel_pool", mutates_args=())
 def channel_pool_op(x: Tensor, pool: str) -> Tuple[Tensor, Tensor]:
     """(z, zmax): x pooled over H, W per sample and channel ((N, C) fp32; see kernels.channel_pool)."""
-    from ..kernels.squeeze_excite import channel_pool
+    from ..kernels.interpreter import kernel_section
 
-    return channel_pool(x, pool)
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import channel_pool
+
+        return channel_pool(x, pool)
 
 
 @channel_pool_op.register_fake
@@ -210,16 +225,19 @@ def _(x, pool):
 def channel_pool_bwd(dz: Tensor, x: Tensor, zmax: Tensor, pool: str) -> Tensor:
     """dx of channel_pool: dz / HW everywhere (halved with "avgmax", plus half of dz shared among
     the positions holding the channel max, as torch's amax backward shares it)."""
-    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+    from ..kernels.interpreter import kernel_section
 
-    hw = x.shape[2] * x.shape[3]
-    dz = dz.float()
-    if pool == "avgmax":
-        _, cnt = se_reduce_grad(x, x, zmax)  # only the tie counts are used
-        dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
-    else:
-        dz_avg, dz_max = dz / hw, dz.new_empty((0,))
-    return se_grad_input(None, x, dz_avg, dz_avg.contiguous(), dz_max.contiguous(), zmax)
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+        hw = x.shape[2] * x.shape[3]
+        dz = dz.float()
+        if pool == "avgmax":
+            _, cnt = se_reduce_grad(x, x, zmax)  # only the tie counts are used
+            dz_avg, dz_max = 0.5 * dz / hw, 0.5 * dz / cnt
+        else:
+            dz_avg, dz_max = dz / hw, dz.new_empty((0,))
+        return se_grad_input(None, x, dz_avg, dz_avg.contiguous(), dz_max.contiguous(), zmax)
 
 
 @channel_pool_bwd.register_fake
@@ -244,9 +262,12 @@ channel_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_cont
 @torch.library.custom_op("attn_fast::channel_scale", mutates_args=())
 def channel_scale_op(x: Tensor, s: Tensor) -> Tensor:
     """y = x * s[:, :, None, None], s (N, C) fp32, in x's memory format."""
-    from ..kernels.squeeze_excite import channel_scale
+    from ..kernels.interpreter import kernel_section
 
-    return channel_scale(x, s)
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import channel_scale
+
+        return channel_scale(x, s)
 
 
 @channel_scale_op.register_fake
@@ -257,13 +278,16 @@ def _(x, s):
 @torch.library.custom_op("attn_fast::channel_scale_bwd", mutates_args=())
 def channel_scale_bwd(dy: Tensor, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
     """(dx, ds) of channel_scale: dx = dy * s, ds = sum_hw dy * x (fp32)."""
-    from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+    from ..kernels.interpreter import kernel_section
 
-    empty = x.new_empty((0,), dtype=torch.float32)
-    s = s.contiguous()
-    ds, _ = se_reduce_grad(dy, x, empty)
-    dx = se_grad_input(dy, x, s, torch.zeros_like(s), empty, empty.clone())
-    return dx, ds
+    with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
+        from ..kernels.squeeze_excite import se_grad_input, se_reduce_grad
+
+        empty = x.new_empty((0,), dtype=torch.float32)
+        s = s.contiguous()
+        ds, _ = se_reduce_grad(dy, x, empty)
+        dx = se_grad_input(dy, x, s, torch.zeros_like(s), empty, empty.clone())
+        return dx, ds
 
 
 @channel_scale_bwd.register_fake
