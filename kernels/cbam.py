@@ -21,8 +21,10 @@ Passes over x (N, C, H, W), NCHW or channels_last, read through strides along th
 
 Max ties are handled as torch's amax backward does: the gradient is shared evenly among the
 positions (channels) that hold the maximum. The per-channel reductions over positions are written
-as partial sums per block of positions (deterministic, no atomics), summed in the op layer: a
-workspace of N * C * ceil(HW / BLOCK_HW) fp32 values.
+as partial sums (deterministic, no atomics), summed in the op layer: each of P programs per sample
+walks every P-th block of positions and adds into its own row of an (N, P, C) fp32 workspace, with
+P = min(blocks, max(16, 512 / N)) (:func:`_parts`), so the workspace is at most (16 N + 512) * C
+values however large H * W is.
 """
 from __future__ import annotations
 
@@ -101,68 +103,74 @@ def _cbam_apply(
 
 
 # One program takes BLOCK_HW positions of one sample through all C channels and writes: per
-# position DSA = sum_c dy * x * ca (the gradient of the spatial gate); per channel, for this block
-# of positions, DCA = sum_hw dy * x * sa (the direct part of the channel gate's gradient) and
-# TIES = how many of these positions equal the channel's max. Reads the dy and x columns once.
+# position DSA = sum_c dy * x * ca (the gradient of the spatial gate); per channel, summed over the
+# blocks of positions this program walks (every NP-th), DCA = sum_hw dy * x * sa (the direct part of
+# the channel gate's gradient) and TIES = how many of these positions equal the channel's max.
+# Reads the dy and x columns once; adds into its own workspace row (zeroed by the launcher).
 @triton.jit
 def _cbam_bwd_gates(
-    DY, X, CA, SA, ZMAX, DSA, DCA, TIES,   # DSA (N, HW); DCA, TIES (N, NB, C) fp32, NB position blocks
-    C, HW, NB, stride_dn, stride_dc, stride_dhw, stride_xn, stride_xc, stride_xhw,
+    DY, X, CA, SA, ZMAX, DSA, DCA, TIES,   # DSA (N, HW); DCA, TIES (N, NP, C) fp32, NP programs per sample
+    C, HW, NP, stride_dn, stride_dc, stride_dhw, stride_xn, stride_xc, stride_xhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(0)
-    hw = b * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    hw_ok = hw < HW
+    p = tl.program_id(0)
     cs0 = tl.arange(0, BLOCK_C)
-    sa = tl.load(SA + n * HW + hw, mask=hw_ok, other=0.0)
-    dsa = tl.zeros([BLOCK_HW], dtype=tl.float32)
-    part = (n * NB + b) * C
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + cs0
-        c_ok = cs < C
-        ok = c_ok[:, None] & hw_ok[None, :]
-        ca = tl.load(CA + n * C + cs, mask=c_ok, other=0.0)
-        zmax = tl.load(ZMAX + n * C + cs, mask=c_ok, other=0.0)
-        x = tl.load(X + n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=ok,
-                    other=0.0).to(tl.float32)
-        dy = tl.load(DY + n * stride_dn + cs[:, None] * stride_dc + hw[None, :] * stride_dhw, mask=ok,
-                     other=0.0).to(tl.float32)
-        dyx = dy * x
-        dsa += tl.sum(dyx * ca[:, None], 0)
-        tl.store(DCA + part + cs, tl.sum(dyx * sa[None, :], 1), mask=c_ok)
-        tl.store(TIES + part + cs, tl.sum(tl.where(ok & (x == zmax[:, None]), 1.0, 0.0), 1), mask=c_ok)
-    tl.store(DSA + n * HW + hw, dsa, mask=hw_ok)
+    part = (n * NP + p) * C
+    for start in range(p * BLOCK_HW, HW, NP * BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        hw_ok = hw < HW
+        sa = tl.load(SA + n * HW + hw, mask=hw_ok, other=0.0)
+        dsa = tl.zeros([BLOCK_HW], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + cs0
+            c_ok = cs < C
+            ok = c_ok[:, None] & hw_ok[None, :]
+            ca = tl.load(CA + n * C + cs, mask=c_ok, other=0.0)
+            zmax = tl.load(ZMAX + n * C + cs, mask=c_ok, other=0.0)
+            x = tl.load(X + n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=ok,
+                        other=0.0).to(tl.float32)
+            dy = tl.load(DY + n * stride_dn + cs[:, None] * stride_dc + hw[None, :] * stride_dhw, mask=ok,
+                         other=0.0).to(tl.float32)
+            dyx = dy * x
+            dsa += tl.sum(dyx * ca[:, None], 0)
+            acc = tl.load(DCA + part + cs, mask=c_ok, other=0.0)
+            tl.store(DCA + part + cs, acc + tl.sum(dyx * sa[None, :], 1), mask=c_ok)
+            ties = tl.load(TIES + part + cs, mask=c_ok, other=0.0)
+            tl.store(TIES + part + cs, ties + tl.sum(tl.where(ok & (x == zmax[:, None]), 1.0, 0.0), 1), mask=c_ok)
+        tl.store(DSA + n * HW + hw, dsa, mask=hw_ok)
 
 
-# One program takes BLOCK_HW positions of one sample through all C channels and writes, per channel
-# for this block of positions, DCA = sum_hw x * (dmean + dmax * [x * ca is the position's max]):
-# the part of the channel gate's gradient that flows through the spatial maps. DMEAN is already
-# divided by C, DMAX by the number of channels sharing the max. Reads the x column once.
+# One program takes the blocks of BLOCK_HW positions it walks (every NP-th) of one sample through all
+# C channels and adds, per channel, DCA = sum_hw x * (dmean + dmax * [x * ca is the position's
+# max]): the part of the channel gate's gradient that flows through the spatial maps. DMEAN is
+# already divided by C, DMAX by the number of channels sharing the max. Reads the x column once.
 @triton.jit
 def _cbam_bwd_stats(
-    X, CA, DMEAN, DMAX, MAX, DCA,      # DMEAN, DMAX, MAX (N, HW) fp32; DCA (N, NB, C) fp32
-    C, HW, NB, stride_xn, stride_xc, stride_xhw,
+    X, CA, DMEAN, DMAX, MAX, DCA,      # DMEAN, DMAX, MAX (N, HW) fp32; DCA (N, NP, C) fp32, zeroed
+    C, HW, NP, stride_xn, stride_xc, stride_xhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(0)
-    hw = b * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    hw_ok = hw < HW
+    p = tl.program_id(0)
     cs0 = tl.arange(0, BLOCK_C)
-    dmean = tl.load(DMEAN + n * HW + hw, mask=hw_ok, other=0.0)
-    dmax = tl.load(DMAX + n * HW + hw, mask=hw_ok, other=0.0)
-    best = tl.load(MAX + n * HW + hw, mask=hw_ok, other=0.0)
-    part = (n * NB + b) * C
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + cs0
-        c_ok = cs < C
-        ok = c_ok[:, None] & hw_ok[None, :]
-        ca = tl.load(CA + n * C + cs, mask=c_ok, other=0.0)
-        x = tl.load(X + n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=ok,
-                    other=0.0).to(tl.float32)
-        route = dmean[None, :] + tl.where(ok & (x * ca[:, None] == best[None, :]), dmax[None, :], 0.0)
-        tl.store(DCA + part + cs, tl.sum(x * route, 1), mask=c_ok)
+    part = (n * NP + p) * C
+    for start in range(p * BLOCK_HW, HW, NP * BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        hw_ok = hw < HW
+        dmean = tl.load(DMEAN + n * HW + hw, mask=hw_ok, other=0.0)
+        dmax = tl.load(DMAX + n * HW + hw, mask=hw_ok, other=0.0)
+        best = tl.load(MAX + n * HW + hw, mask=hw_ok, other=0.0)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + cs0
+            c_ok = cs < C
+            ok = c_ok[:, None] & hw_ok[None, :]
+            ca = tl.load(CA + n * C + cs, mask=c_ok, other=0.0)
+            x = tl.load(X + n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw, mask=ok,
+                        other=0.0).to(tl.float32)
+            route = dmean[None, :] + tl.where(ok & (x * ca[:, None] == best[None, :]), dmax[None, :], 0.0)
+            acc = tl.load(DCA + part + cs, mask=c_ok, other=0.0)
+            tl.store(DCA + part + cs, acc + tl.sum(x * route, 1), mask=c_ok)
 
 
 # One program writes a BLOCK_C x BLOCK_HW tile of the whole input gradient:
@@ -201,9 +209,15 @@ def _cbam_bwd_dx(
     tl.store(DX + xoffs, dx.to(DX.dtype.element_ty), mask=ok)
 
 
-def _blocks(hw: int, tile) -> int:
-    """Blocks of BLOCK_HW positions (programs along the positions of one sample)."""
-    return triton.cdiv(hw, tile[1])
+#: Programs per sample along the positions in the backward's per-channel reductions: at least
+#: MIN_PARTS (when there are that many blocks of positions), more for small batches so that about
+#: PART_PROGRAMS programs run in all; each owns a row of the (N, parts, C) partial-sum workspace.
+MIN_PARTS, PART_PROGRAMS = 16, 512
+
+
+def _parts(n: int, hw: int, tile) -> int:
+    """Programs per sample (workspace rows) of _cbam_bwd_gates and _cbam_bwd_stats."""
+    return max(1, min(triton.cdiv(hw, tile[1]), max(MIN_PARTS, triton.cdiv(PART_PROGRAMS, max(n, 1)))))
 
 
 def channel_pools(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +238,7 @@ def spatial_stats(x: torch.Tensor, ca: torch.Tensor) -> Tuple[torch.Tensor, torc
     hw = hh * ww
     mean, mx, cnt = (torch.empty((n, hw), device=x.device, dtype=torch.float32) for _ in range(3))
     bc, bhw, warps = COLUMN_TILES[cl]
-    _cbam_spatial_stats[(_blocks(hw, COLUMN_TILES[cl]), n)](
+    _cbam_spatial_stats[(triton.cdiv(hw, COLUMN_TILES[cl][1]), n)](
         xs, ca, mean, mx, cnt, c, hw, *strides, 1.0 / c, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
     return mean, mx, cnt
 
@@ -251,10 +265,10 @@ def backward_gates(dy: torch.Tensor, x: torch.Tensor, ca: torch.Tensor, sa: torc
     dys, dstr, _ = _like(dy, cl)
     n, c, hh, ww = x.shape
     hw = hh * ww
-    nb = _blocks(hw, COLUMN_TILES[cl])
+    nb = _parts(n, hw, COLUMN_TILES[cl])
     dsa = torch.empty((n, hw), device=x.device, dtype=torch.float32)
-    dca = torch.empty((n, nb, c), device=x.device, dtype=torch.float32)
-    ties = torch.empty((n, nb, c), device=x.device, dtype=torch.float32)
+    dca = torch.zeros((n, nb, c), device=x.device, dtype=torch.float32)
+    ties = torch.zeros((n, nb, c), device=x.device, dtype=torch.float32)
     bc, bhw, warps = COLUMN_TILES[cl]
     _cbam_bwd_gates[(nb, n)](dys, xs, ca, sa, zmax, dsa, dca, ties, c, hw, nb, *dstr, *strides,
                              BLOCK_C=bc, BLOCK_HW=bhw, num_warps=warps)
@@ -268,8 +282,8 @@ def backward_stats(x: torch.Tensor, ca: torch.Tensor, dmean: torch.Tensor, dmax:
     xs, strides, cl = as_nc_hw(x)
     n, c, hh, ww = x.shape
     hw = hh * ww
-    nb = _blocks(hw, COLUMN_TILES[cl])
-    dca = torch.empty((n, nb, c), device=x.device, dtype=torch.float32)
+    nb = _parts(n, hw, COLUMN_TILES[cl])
+    dca = torch.zeros((n, nb, c), device=x.device, dtype=torch.float32)
     bc, bhw, warps = COLUMN_TILES[cl]
     _cbam_bwd_stats[(nb, n)](xs, ca, dmean, dmax, mx, dca, c, hw, nb, *strides, BLOCK_C=bc, BLOCK_HW=bhw,
                              num_warps=warps)

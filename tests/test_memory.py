@@ -154,3 +154,27 @@ def test_attention_peak_memory_is_linear_in_length_on_gpu():
     p4, p16 = peak(4096), peak(16384)
     assert p16 <= 4.5 * p4, (p4, p16)
     assert p16 < 16384 * 16384 * 2  # far below one head's fp16 score matrix
+
+
+def test_cbam_partial_sums_are_bounded_and_right(monkeypatch):
+    """CBAM's backward reductions over positions use (N, P, C) partial sums, P = programs per sample,
+    each walking every P-th block of positions. With P forced down to 2 (so each program walks
+    several blocks, as on a large map), the workspace has 2 rows and the gradients still pass the
+    numerics rule."""
+    from attn_fast import reference
+    from attn_fast.kernels import cbam as cbam_kernels
+    from numerics import check_op
+
+    monkeypatch.setattr(cbam_kernels, "MIN_PARTS", 2)
+    monkeypatch.setattr(cbam_kernels, "PART_PROGRAMS", 2)
+    n, c, hh, ww = 2, 12, 17, 19  # 323 positions: 3 blocks of 128 (NCHW), 11 of 32 (NHWC)
+    assert cbam_kernels._parts(n, hh * ww, cbam_kernels.COLUMN_TILES[False]) == 2
+    for channels_last in (False, True):
+        x = rand(n, c, hh, ww)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        inputs = dict(x=x, fc1_weight=rand(3, c, scale=0.3), fc2_weight=rand(c, 3, scale=0.3),
+                      conv_weight=rand(1, 2, 7, 7, scale=0.2))
+        check_op(attn_fast.cbam, reference.cbam, inputs, grad=tuple(inputs))
+        rec, _ = channel_allocations("cbam", (n, c, hh, ww), channels_last)
+        assert (n, 2, c) in [r[1] for r in rec.records]
