@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .aot import AOTCase, signature_of
 from .attention_fwd import (
-    _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, with_dropout, dtype_class, head_class,
+    _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, needs_int64, with_dropout, dtype_class,
+    head_class,
     AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
 from .interpreter import bf16_rne, needs_bf16_rne
 from .tuning import bucket, pick
@@ -37,12 +38,15 @@ def _attn_bwd_delta(
     stride_dz, stride_dh, stride_dm, stride_dk,
     H, Lq,
     HEAD_DIM_V: tl.constexpr, PAD_EV: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
 ):
     off_bh = tl.program_id(1).to(tl.int64)
     off_z = off_bh // H
     off_h = off_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, PAD_EV)
+    if INT64:
+        offs_m, offs_d = offs_m.to(tl.int64), offs_d.to(tl.int64)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM_V)
     o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
                 mask=ok, other=0.0).to(tl.float32)
@@ -92,6 +96,7 @@ def _attn_bwd_dkdv(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MASK_GRAD: tl.constexpr = 0,
     BF16_RNE: tl.constexpr = False,   # round bf16 stores to nearest (the interpreter truncates)
+    INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_n = tl.program_id(0)
@@ -102,6 +107,9 @@ def _attn_bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, PAD_E)
     offs_dv = tl.arange(0, PAD_EV)
+    if INT64:
+        cols, offs_m = cols.to(tl.int64), offs_m.to(tl.int64)
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
     n_valid = cols < Lk
 
     # K^T and V^T tiles: (PAD_E, BLOCK_N) and (PAD_EV, BLOCK_N)
@@ -192,6 +200,7 @@ def _attn_bwd_dq(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_RNE: tl.constexpr = False,   # round the bf16 store to nearest (the interpreter truncates)
+    INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -203,6 +212,9 @@ def _attn_bwd_dq(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, PAD_E)
     offs_dv = tl.arange(0, PAD_EV)
+    if INT64:
+        rows, offs_n = rows.to(tl.int64), offs_n.to(tl.int64)
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
     m_valid = rows < Lq
 
     q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk,
@@ -328,21 +340,24 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         if dropout_p > 0.0:  # as the forward: fewer keys per dQ block (dK/dV tiles fit as they are)
             cands_q = list(dict.fromkeys(with_dropout(c) for c in cands_q))
 
-    delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta[(triton.cdiv(lq, delta_m), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
-        num_warps=DELTA_WARPS)
-
     mask_kind, mask_arg, ms = mask_args(mask, q, lk)
     grad_mode, dmask_arg, gs = _mask_grad_args(dmask, q, lk)
     full_dmask = None
     if deterministic and grad_mode in (MASK_GRAD_ATOMIC, MASK_GRAD_ROWSUM):
         full_dmask = torch.zeros((b, h, lq, lk), device=q.device, dtype=torch.float32)
         grad_mode, dmask_arg, gs = MASK_GRAD_STORE, full_dmask, full_dmask.stride()
+    int64 = needs_int64(q, k, v, out, do, dq, dk, dv, mask_arg if mask_kind else None,
+                        dmask_arg.expand(b, h, lq, lk) if grad_mode else None)
+
+    delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(lq, delta_m), b * h)](
+        out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
+        INT64=int64, num_warps=DELTA_WARPS)
+
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
-                  INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
+                  INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee", INT64=int64)
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride())
     drop = (dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed)
 
@@ -409,7 +424,7 @@ def _aot_cases():
             ptrs.update({o: t for o in outs})
             const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
                          MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
-                         BF16_RNE=False)
+                         BF16_RNE=False, INT64=False)
             core = aot_core(tname, e, causal, dropout, first)
             if fn is _attn_bwd_dkdv:
                 ptrs["DMask"] = "*fp32"
@@ -426,7 +441,7 @@ def _aot_cases():
         for e in (64, 256):
             sig = signature_of(_attn_bwd_delta, {"Out": f"*{tname}", "DO": f"*{tname}", "Delta": "*fp32"})
             cases.append(AOTCase(f"attn_bwd_delta[{tname},E{e},{DELTA_BLOCK_M}]", _attn_bwd_delta, sig,
-                                 dict(HEAD_DIM_V=e, PAD_EV=e, BLOCK_M=DELTA_BLOCK_M), num_warps=DELTA_WARPS,
+                                 dict(HEAD_DIM_V=e, PAD_EV=e, BLOCK_M=DELTA_BLOCK_M, INT64=False), num_warps=DELTA_WARPS,
                                  num_stages=1))
     return cases
 

@@ -57,6 +57,7 @@ def _attn_fwd(
     DOT_F32: tl.constexpr,            # cast dot operands to fp32 (bf16 under the interpreter)
     INPUT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs unless tf32 is allowed
     BF16_RNE: tl.constexpr = False,   # round the bf16 output to nearest (the interpreter truncates)
+    INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -69,6 +70,9 @@ def _attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, PAD_E)
     offs_dv = tl.arange(0, PAD_EV)
+    if INT64:
+        offs_m, offs_n = offs_m.to(tl.int64), offs_n.to(tl.int64)
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
     m_valid = offs_m < Lq
 
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
@@ -206,6 +210,21 @@ def launch_configs(q: torch.Tensor, pad_e: int, pad_ev: int, dropout: bool = Fal
     return gpu_configs(pad_e, pad_ev, q.dtype, dropout, target_cap(q.device))
 
 
+#: Offsets a kernel may compute in int32: beyond, the launchers set INT64.
+INT32_OFFSET_LIMIT = 2 ** 31 - 1
+
+
+def needs_int64(*tensors: Optional[torch.Tensor], pad: int = 256) -> bool:
+    """Whether a kernel's element offsets into one of ``tensors`` can reach 2**31: the largest
+    offset, with ``pad`` extra indices per dimension for the masked lanes of the last tile, in
+    elements. int32 products such as ``row * stride_row`` would wrap there."""
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            if sum((size + pad) * abs(stride) for size, stride in zip(t.shape, t.stride())) > INT32_OFFSET_LIMIT:
+                return True
+    return False
+
+
 def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor,
               lk: int) -> Tuple[int, torch.Tensor, Tuple[int, ...]]:
     """(MASK_KIND, pointer argument, 4 strides) for an optional 4-D mask broadcastable to
@@ -245,7 +264,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     flags = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev,
                  IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
                  DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
-                 INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee")
+                 INPUT_PRECISION="tf32" if (q.dtype == torch.float32 and allow_tf32) else "ieee",
+                 INT64=needs_int64(q, k, v, mask_arg if mask_kind else None, out))
 
     def launch(cfg):
         block_m, block_n, warps, stages = cfg
@@ -339,7 +359,7 @@ def _aot_cases():
                            floats=("qk_scale", "dropout_p", "dropout_scale"))
         const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
                      MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
-                     BF16_RNE=False)
+                     BF16_RNE=False, INT64=False)
         cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
                              num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
                              core=aot_core(tname, e, causal, dropout, first), targets=caps))

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import route
 from ..reference import gate_fn
-from .squeeze_excite import _vjp
+from .squeeze_excite import _vjp, sample_too_large
 
 OP = "cbam"
 _aten = torch.ops.aten
@@ -217,7 +217,7 @@ def cbam(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, conv_weight: Tensor,
          spatial_order: str = "mean_max", bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
          bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
          bn_training: bool = False, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> Tensor:
-    path = route(OP, x.device, x.dtype)
+    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x))
     if path.path == "reference" or x.numel() == 0:
         return reference.cbam(
             x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation=activation, gate=gate,

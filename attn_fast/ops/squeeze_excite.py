@@ -21,6 +21,19 @@ OP = "squeeze_excite"
 ECA_OP = "efficient_channel_attention"
 _FWD_OUTPUTS = ("y", "z", "zmax", "pre1", "h", "pre2", "s")
 
+#: The SE/ECA/CBAM kernels index within one sample in int32 (the sample offset is 64-bit): a sample
+#: of more elements than this, counting the last tiles' masked lanes, runs the reference instead
+#: (with a one-time warning).
+INT32_OFFSET_LIMIT = 2 ** 31 - 1
+
+
+def sample_too_large(x: Tensor) -> Optional[str]:
+    """Why the kernels cannot take x (N, C, H, W) (None when they can): C * H * W near 2**31."""
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    if (c + 64) * (hw + 128) > INT32_OFFSET_LIMIT:
+        return f"samples of 2**31 elements or more (C * H * W = {c * hw})"
+    return None
+
 
 @torch.library.custom_op("attn_fast::se_fwd", mutates_args=())
 def se_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
@@ -193,7 +206,7 @@ eca_fwd.register_autograd(_eca_backward, setup_context=_eca_setup_context)
 
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
-    path = route(ECA_OP, x.device, x.dtype)
+    path = route(ECA_OP, x.device, x.dtype, unsupported=sample_too_large(x))
     if path.path == "reference":
         return reference.efficient_channel_attention(x, conv_weight, gate=gate)
     return eca_fwd(x, conv_weight, gate)[0]
@@ -352,7 +365,7 @@ def _in_fp32(norm: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
                    fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str,
                    norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    path = route(OP, x.device, x.dtype)
+    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x))
     if path.path == "reference":
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         activation=activation, gate=gate, pool=pool, norm=norm)
