@@ -127,7 +127,7 @@ def _attn_fwd(
         acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    alive = l_i > 0.0
+    alive = l_i != 0.0  # 0: every key masked out (a dead row); NaN: a NaN score, which must propagate
     out = acc / tl.where(alive, l_i, 1.0)[:, None]
     lse = tl.where(alive, m_i + tl.math.log2(tl.where(alive, l_i, 1.0)), float("-inf"))
     o_ptrs = Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok

@@ -50,11 +50,12 @@ ECA_BLOCK_C = 128
 
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
-    """One of ACT_CODES, elementwise on fp32, as torch defines it."""
+    """One of ACT_CODES, elementwise on fp32, as torch defines it (NaN in, NaN out: the clamps
+    propagate NaN as torch's do)."""
     if ACT == 1:
-        y = tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        y = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 3:
         y = x * tl.sigmoid(x)
     elif ACT == 4:
@@ -63,11 +64,13 @@ def _activation(x, ACT: tl.constexpr):
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = x * tl.sigmoid(2.0 * u)
     elif ACT == 6:
-        y = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        y = x * tl.minimum(tl.maximum(x + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                       propagate_nan=tl.PropagateNan.ALL) / 6.0
     elif ACT == 7:
         y = tl.sigmoid(x)
     elif ACT == 8:
-        y = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        y = tl.minimum(tl.maximum(x + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                       propagate_nan=tl.PropagateNan.ALL) / 6.0
     else:
         y = x
     return y
@@ -268,7 +271,8 @@ def fc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act:
        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(pre, act(pre)) with pre = x @ weight^T + bias; x (M, K) fp32, weight (N, K) (or a 1x1 conv
     weight (N, K, 1, 1)) in any float dtype; fp32 results (M, N)."""
-    weight = weight.reshape(weight.shape[0], -1)
+    weight = weight.reshape(weight.shape[0], -1).contiguous()  # small; keeps its offsets in int32
+    bias = None if bias is None else bias.contiguous()         # the kernel reads B + col
     m, k = x.shape
     nout = weight.shape[0]
     pre = torch.empty((m, nout), device=x.device, dtype=torch.float32)
@@ -302,7 +306,7 @@ def eca_forward(x: torch.Tensor, conv_weight: torch.Tensor, gate: str) -> Dict[s
     """Run the ECA forward: y = x * gate(conv1d_k(mean_hw(x))) across channels (zero padding
     (k - 1) // 2, no bias). Returns y, z (N, C) pooled, pre (N, C) the gate's input, s (N, C)."""
     k = conv_weight.numel()
-    w = conv_weight.reshape(k)
+    w = conv_weight.reshape(k).contiguous()  # the kernel reads W + j
 
     def excite(zg):
         m, c = zg.shape

@@ -207,7 +207,7 @@ eca_fwd.register_autograd(_eca_backward, setup_context=_eca_setup_context)
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
     path = route(ECA_OP, x.device, x.dtype, unsupported=sample_too_large(x))
-    if path.path == "reference":
+    if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.efficient_channel_attention(x, conv_weight, gate=gate)
     return eca_fwd(x, conv_weight, gate)[0]
 
@@ -366,7 +366,7 @@ def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc
                    fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str,
                    norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x))
-    if path.path == "reference":
+    if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         activation=activation, gate=gate, pool=pool, norm=norm)
     if norm is not None and fc2_weight is not None:
