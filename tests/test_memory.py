@@ -8,6 +8,7 @@ inside attn_fast's custom ops (their bodies are run under the mode) and the laun
 ``torch.cuda.max_memory_allocated`` is compared at L = 4k and 16k."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -88,7 +89,7 @@ def test_attention_allocates_nothing_of_size_lq_by_lk(causal, mask):
     for rec, (m, n) in ((small, (lq, lk)), (big, (2 * lq, 2 * lk))):
         largest = max(nbytes for _, _, nbytes in rec.records)
         assert largest <= 2 * 2 * max(m, n) * 16, rec.records   # B*H*L*E fp16 at most (dk, dv, out)
-        assert all(m * n not in (int(torch.tensor(s).prod()) if s else 1,) for _, s, _ in rec.records)
+        assert all(math.prod(shape) < m * n for _, shape, _ in rec.records)
     # everything scales with L: doubling both lengths at most doubles what is allocated
     assert big.total <= 2 * small.total, (small.total, big.total)
 
