@@ -103,3 +103,12 @@ def check_nonnegative_float(fn: str, name: str, value) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{fn}: {name} must be a finite float >= 0, got {value}")
     return float(value)
+
+
+def check_finite_float(fn: str, name: str, value, *, positive: bool = False) -> float:
+    """``value`` is a finite real number (and > 0 if ``positive``): a formula's coefficient."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{fn}: {name} must be a finite float{' > 0' if positive else ''}, got {value}")
+    return float(value)

@@ -1,10 +1,21 @@
 """Fused attention backward (FlashAttention-2 style): recompute the probabilities from the saved
 log-sum-exp, never materialising the Lq x Lk matrix.
 
-Three kernels: delta = rowsum(dO * O); dK/dV, one program per key block looping over query blocks
-(and over the query heads that share a kv head under GQA); dQ, one program per query block
-looping over key blocks. dQ gets its own pass instead of atomics so that every gradient is
-written exactly once by one program: results are deterministic and need no fp32 scratch.
+Three kernels: delta = rowsum(dO * O); dQ, one program per query block looping over key blocks;
+dK/dV, one program per key block looping over query blocks (and over the query heads that share a
+kv head under GQA). dQ gets its own pass instead of atomics so that every gradient is written
+exactly once by one program: results are deterministic and need no fp32 scratch.
+
+Exact delta (16-bit inputs). delta_i = sum_j P_ij dP_ij is the row sum that makes every row of
+dS = P * (dP - delta) sum to zero (a softmax gradient is blind to a common shift of a row's
+scores). rowsum(dO * O) equals it only for the exact O; the saved O is rounded to bf16/fp16, and that
+rounding, times sum_j P_ij k_j, lands in dQ and dK: with bf16, a small head size or a large scale it
+alone exceeded twice the bf16 reference's error (tests/test_fuzz.py). So with EXACT_DELTA the dQ pass
+runs first, takes the rounded delta as a shift, accumulates its row error c_i = sum_j dS_ij and
+B_i = sum_j P_ij k_j (one more dot per key block), returns dQ = sum_j dS_ij k_j - c_i B_i and stores
+delta + c for the dK/dV pass. Subtracting the tiny c_i B_i at the end keeps dS small and well
+rounded; summing P * dP directly would cancel catastrophically. fp32 outputs are not rounded, so
+fp32 skips it.
 """
 from __future__ import annotations
 
@@ -182,11 +193,14 @@ def _attn_bwd_dkdv(
 
 
 # One program computes dQ for BLOCK_M query rows of one (batch, query head): streams key blocks up to
-# the causal diagonal, recomputing P and dS = P * (dO V^T - delta), accumulating dQ += dS K (fp32).
-# Memory traffic: Q, dO tiles, lse and delta once; K, V (and the mask tile) per key block; dQ once.
+# the causal diagonal, recomputing P and dS = P * (dO V^T - delta), accumulating dQ += dS K (fp32);
+# with EXACT_DELTA also B += P K and c += rowsum(dS), then dQ -= c B (see the module docstring).
+# Memory traffic: Q, dO tiles, lse and delta once; K, V (and the mask tile) per key block; dQ once
+# (and the exact delta, BLOCK_M fp32).
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta, DQ,       # DQ like Q (contiguous)
+    DeltaOut,                                # EXACT_DELTA: the exact delta (B*Hq, Lq) fp32 for dK/dV
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -201,6 +215,7 @@ def _attn_bwd_dq(
     INPUT_PRECISION: tl.constexpr,
     BF16_RNE: tl.constexpr = False,   # round the bf16 store to nearest (the interpreter truncates)
     INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
+    EXACT_DELTA: tl.constexpr = False,  # correct the rounded-O delta (module docstring), write DeltaOut
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -231,6 +246,9 @@ def _attn_bwd_dq(
     v_base = V + off_z * stride_vz + off_hk * stride_vh
     m_base = Mask + off_z * stride_mz + off_h * stride_mh + rows[:, None] * stride_mm
     dq = tl.zeros([BLOCK_M, PAD_E], dtype=tl.float32)
+    if EXACT_DELTA:
+        pk = tl.zeros([BLOCK_M, PAD_E], dtype=tl.float32)   # B = sum_j P_ij k_j
+        row_err = tl.zeros([BLOCK_M], dtype=tl.float32)     # c = sum_j dS_ij = exact delta - delta
 
     hi = Lk
     if IS_CAUSAL:
@@ -254,6 +272,13 @@ def _attn_bwd_dq(
         ds = p * (dp - delta[:, None])
         ds_op = ds if DOT_F32 else ds.to(kT.dtype)
         dq += tl.dot(ds_op, tl.trans(kT), input_precision=INPUT_PRECISION)
+        if EXACT_DELTA:
+            row_err += tl.sum(ds, 1)
+            p_op = p if DOT_F32 else p.to(kT.dtype)
+            pk += tl.dot(p_op, tl.trans(kT), input_precision=INPUT_PRECISION)
+    if EXACT_DELTA:
+        dq -= row_err[:, None] * pk
+        tl.store(DeltaOut + off_bh * Lq + rows, delta + row_err, mask=m_valid)
     dq = dq * sm_scale
     if BF16_RNE:
         dq = bf16_rne(dq)
@@ -265,8 +290,10 @@ def _attn_bwd_dq(
 #: tile candidates, by dtype class and padded head size; as FWD_CONFIGS: timed on first use by
 #: kernels/tuning.py, the first is the default, each kept for a clean static profile in the heaviest
 #: variants (no spills on sm_90, wgmma for 16-bit dots whose M is 64 or more: the dK/dV dots have
-#: M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row tiles (mma.sync, no wgmma):
-#: its two fp32 accumulators spill otherwise. Not yet timed on a GPU.
+#: M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row dK/dV tiles (mma.sync, no
+#: wgmma): its two fp32 accumulators spill otherwise. The 16-bit dQ tiles hold two fp32 accumulators
+#: too (dQ and the exact delta's B), hence 16 keys per block at head size 128 and 16 rows at 256.
+#: Not yet timed on a GPU.
 DKDV_CONFIGS = {
     90: {"16bit": {64: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
                    128: [(32, 64, 8, 2), (16, 64, 8, 2)],
@@ -283,14 +310,14 @@ DKDV_CONFIGS = {
 }
 DQ_CONFIGS = {
     90: {"16bit": {64: [(64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
-                   128: [(64, 32, 8, 2)],
-                   256: [(32, 16, 8, 1)]},
+                   128: [(64, 16, 8, 2)],
+                   256: [(16, 16, 8, 1)]},
          "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
                   128: [(16, 16, 4, 1), (32, 16, 4, 1)],
                   256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
-    80: {"16bit": {64: [(64, 32, 8, 2), (128, 32, 8, 2)],
+    80: {"16bit": {64: [(64, 16, 8, 2)],
                    128: [(32, 32, 8, 2)],
-                   256: [(16, 16, 8, 1), (16, 32, 8, 1)]},
+                   256: [(16, 16, 8, 1)]},
          "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
                   128: [(16, 16, 4, 1), (32, 16, 4, 1)],
                   256: [(16, 16, 8, 1)]}},
@@ -354,6 +381,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
         INT64=int64, num_warps=DELTA_WARPS)
 
+    exact_delta = q.dtype != torch.float32   # the saved O was rounded (see the module docstring)
+    delta_out = torch.empty_like(delta) if exact_delta else delta
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
@@ -364,23 +393,24 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
-            q, k, v, mask_arg, do, lse, delta, dk, dv, dmask_arg, *strides, *dk.stride(), *dv.stride(), *gs,
+            q, k, v, mask_arg, do, lse, delta_out, dk, dv, dmask_arg, *strides, *dk.stride(), *dv.stride(), *gs,
             h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, MASK_GRAD=grad_mode, **common)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
-            q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride(),
+            q, k, v, mask_arg, do, lse, delta, dq, delta_out, *strides, *dq.stride(),
             h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, EXACT_DELTA=exact_delta, **common)
 
     key = (q.device, q.dtype, tuple(sorted(common.items())), bucket(lq), bucket(lk), bucket(b * h))
+    # dQ first: with exact_delta it writes the delta that dK/dV read
+    launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq, deterministic=deterministic))
     cfg_kv = pick(("attn_bwd_dkdv", grad_mode, hk != h) + key, cands_kv, launch_dkdv, deterministic=deterministic)
     if dmask is not None and full_dmask is None:
         dmask.zero_()  # timed runs (if any) added into it
     launch_dkdv(cfg_kv)
-    launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq, deterministic=deterministic))
     if full_dmask is not None:  # sum over the mask's broadcast dimensions, in a fixed order
         dims = [i for i, (size, full) in enumerate(zip(dmask.shape, full_dmask.shape)) if size != full]
         dmask = full_dmask.sum(dims, keepdim=True)
@@ -426,6 +456,9 @@ def _aot_cases():
                          MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
                          BF16_RNE=False, INT64=False)
             core = aot_core(tname, e, causal, dropout, first)
+            if fn is _attn_bwd_dq:
+                ptrs["DeltaOut"] = "*fp32"
+                const["EXACT_DELTA"] = tname != "fp32"
             if fn is _attn_bwd_dkdv:
                 ptrs["DMask"] = "*fp32"
                 const["MASK_GRAD"] = MASK_GRAD_ATOMIC if variant is DMASK_VARIANT else NO_MASK_GRAD

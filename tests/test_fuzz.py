@@ -261,19 +261,21 @@ def test_fuzz_scaled_dot_product_attention(case):
     _run_sdpa_case(case)
 
 
-# LIBRARY BUG (numerics rule), found by the fuzz profile: in bf16 the kernels' dQ and dK are exactly the
-# correctly rounded gradients computed with delta = rowsum(dO * O) taken from the output rounded to
-# bf16 (FlashAttention's delta), not from the exact output, and that error alone exceeds twice the
-# bf16 reference's: a few percent of bf16 draws with a small head size or a scale above 1/sqrt(E) fail.
+# Regression (library bug found by the fuzz profile, fixed): in bf16 the kernels' dQ and dK were exactly
+# the correctly rounded gradients computed with delta = rowsum(dO * O) taken from the output rounded to
+# bf16 (FlashAttention's delta), not from the exact output, and that error alone exceeded twice the
+# bf16 reference's: a few percent of bf16 draws with a small head size or a scale above 1/sqrt(E)
+# failed. The dQ pass now corrects delta exactly (kernels/attention_bwd.py, EXACT_DELTA).
 @pytest.mark.parametrize("case", [
     # found: dK error 9.6e-3 > bound 8.1e-3 (under check_op's plain convention dQ, 1.031e-2 > 1.027e-2)
     {**SDPA_BASE, "dtype": "bfloat16", "batched": False, "lq": 28, "lk": 11, "scale": 1.986328125, "seed": 1918099},
     # the same, clearer: dQ error 3.0e-2 > bound 2.5e-2 (E = 16, scale 0.5)
     {**SDPA_BASE, "dtype": "bfloat16", "batched": False, "lq": 28, "lk": 11, "e": 16, "ev": 16, "scale": 0.5,
      "seed": 38},
-], ids=["e1-found", "e16"])
-@pytest.mark.xfail(strict=True, reason="open library bug (issue 8): bf16 dQ/dK take delta = rowsum(dO * O) from the "
-                   "bf16-rounded output; needs delta from the fp32 output or an exact single-pass delta")
+    # the same construction in fp16, whose saved O is rounded too
+    {**SDPA_BASE, "dtype": "float16", "batched": False, "lq": 28, "lk": 11, "e": 16, "ev": 16, "scale": 0.5,
+     "seed": 38},
+], ids=["e1-found", "e16", "e16-fp16"])
 def test_regression_sdpa_bf16_delta_from_rounded_output(case):
     _run_sdpa_case(case)
 

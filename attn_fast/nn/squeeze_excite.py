@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from .. import functional
-from .._validate import check_positive_int
+from .._validate import check_finite_float, check_positive_int
 from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast, check_input,
                       check_pointwise_conv, gate_name, make_activation, make_divisible)
 
@@ -274,6 +274,8 @@ class EcaModule(nn.Module):
         super().__init__()
         if channels is not None:  # the adaptive kernel size of the paper, as timm computes it
             check_positive_int("EcaModule", "channels", channels)
+            gamma = check_finite_float("EcaModule", "gamma", gamma, positive=True)
+            beta = check_finite_float("EcaModule", "beta", beta)
             t = int(abs(math.log(channels, 2) + beta) / gamma)
             kernel_size = max(t if t % 2 else t + 1, 3)
         check_positive_int("EcaModule", "kernel_size", kernel_size, odd=True)
