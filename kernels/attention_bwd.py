@@ -6,7 +6,7 @@ dK/dV, one program per key block looping over query blocks (and over the query h
 kv head under GQA). dQ gets its own pass instead of atomics so that every gradient is written
 exactly once by one program: results are deterministic and need no fp32 scratch.
 
-Exact delta (16-bit inputs). delta_i = sum_j P_ij dP_ij is the row sum that makes every row of
+Exact delta. delta_i = sum_j P_ij dP_ij is the row sum that makes every row of
 dS = P * (dP - delta) sum to zero (a softmax gradient is blind to a common shift of a row's
 scores). rowsum(dO * O) equals it only for the exact O; the saved O is rounded to bf16/fp16, and that
 rounding, times sum_j P_ij k_j, lands in dQ and dK: with bf16, a small head size or a large scale it
@@ -14,8 +14,9 @@ alone exceeded twice the bf16 reference's error (tests/test_fuzz.py). So with EX
 runs first, takes the rounded delta as a shift, accumulates its row error c_i = sum_j dS_ij and
 B_i = sum_j P_ij k_j (one more dot per key block), returns dQ = sum_j dS_ij k_j - c_i B_i and stores
 delta + c for the dK/dV pass. Subtracting the tiny c_i B_i at the end keeps dS small and well
-rounded; summing P * dP directly would cancel catastrophically. fp32 outputs are not rounded, so
-fp32 skips it.
+rounded; summing P * dP directly would cancel catastrophically. fp32 takes it too: its O is rounded
+as well, and a float mask constant along the keys (whose gradient is exactly 0) got that rounding,
+summed over its broadcast rows, as gradient (past the numerics floor, found by the fuzzer).
 """
 from __future__ import annotations
 
@@ -292,7 +293,8 @@ def _attn_bwd_dq(
 #: variants (no spills on sm_90, wgmma for 16-bit dots whose M is 64 or more: the dK/dV dots have
 #: M = BLOCK_N, the dQ dots M = BLOCK_M). Head size 256 takes 32-row dK/dV tiles (mma.sync, no
 #: wgmma): its two fp32 accumulators spill otherwise. The 16-bit dQ tiles hold two fp32 accumulators
-#: too (dQ and the exact delta's B), hence 16 keys per block at head size 128 and 16 rows at 256.
+#: too (dQ and the exact delta's B), hence 16 keys per block at head size 128 and 16 rows at 256;
+#: fp32 dQ tiles are 16 x 16 (32-row ones spilled).
 #: Not yet timed on a GPU.
 DKDV_CONFIGS = {
     90: {"16bit": {64: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
@@ -312,14 +314,14 @@ DQ_CONFIGS = {
     90: {"16bit": {64: [(64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
                    128: [(64, 16, 8, 2)],
                    256: [(16, 16, 8, 1)]},
-         "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
-                  128: [(16, 16, 4, 1), (32, 16, 4, 1)],
+         "fp32": {64: [(16, 16, 8, 1)],
+                  128: [(16, 16, 4, 1)],
                   256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
     80: {"16bit": {64: [(64, 16, 8, 2)],
                    128: [(32, 32, 8, 2)],
                    256: [(16, 16, 8, 1)]},
-         "fp32": {64: [(16, 16, 4, 1), (32, 16, 4, 1)],
-                  128: [(16, 16, 4, 1), (32, 16, 4, 1)],
+         "fp32": {64: [(16, 16, 8, 1)],
+                  128: [(16, 16, 4, 1)],
                   256: [(16, 16, 8, 1)]}},
 }
 #: Known spills, bytes, of table entries for which no candidate compiled spill-free on its target in
@@ -327,6 +329,10 @@ DQ_CONFIGS = {
 #: tiles; tried 16x16 with 2, 4 and 8 warps and 1 or 2 stages). Tolerated by the compile test up to
 #: this many bytes; removing them is GPU tuning work.
 SPILL_BUDGETS = {("attn_bwd_dkdv", "fp32", 256, (16, 16, 4, 1)): 16}
+#: The dQ pass corrects delta to the exact sum_j P_ij dP_ij (module docstring). False gives
+#: FlashAttention's delta = rowsum(dO * O) of the saved output: one dot fewer per key block in the dQ
+#: pass, but rows of dS that sum to O's rounding error instead of zero.
+USE_EXACT_DELTA = True
 #: Rows per program and warps of the delta pass (16 x 256 tiles over 8 warps: wider ones spilled).
 DELTA_BLOCK_M = 16
 DELTA_WARPS = 8
@@ -381,8 +387,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         out, do, delta, *out.stride(), *do.stride(), h, lq, HEAD_DIM_V=ev, PAD_EV=pad_ev, BLOCK_M=delta_m,
         INT64=int64, num_warps=DELTA_WARPS)
 
-    exact_delta = q.dtype != torch.float32   # the saved O was rounded (see the module docstring)
-    delta_out = torch.empty_like(delta) if exact_delta else delta
+    delta_out = torch.empty_like(delta) if USE_EXACT_DELTA else delta
     common = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   HAS_DROPOUT=dropout_p > 0.0,
                   DOT_F32=interpreting() and q.dtype == torch.bfloat16, BF16_RNE=needs_bf16_rne(q.dtype),
@@ -402,10 +407,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
             q, k, v, mask_arg, do, lse, delta, dq, delta_out, *strides, *dq.stride(),
             h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, EXACT_DELTA=exact_delta, **common)
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, EXACT_DELTA=USE_EXACT_DELTA, **common)
 
     key = (q.device, q.dtype, tuple(sorted(common.items())), bucket(lq), bucket(lk), bucket(b * h))
-    # dQ first: with exact_delta it writes the delta that dK/dV read
+    # dQ first: with USE_EXACT_DELTA it writes the delta that dK/dV read
     launch_dq(pick(("attn_bwd_dq",) + key, cands_q, launch_dq, deterministic=deterministic))
     cfg_kv = pick(("attn_bwd_dkdv", grad_mode, hk != h) + key, cands_kv, launch_dkdv, deterministic=deterministic)
     if dmask is not None and full_dmask is None:
@@ -458,7 +463,7 @@ def _aot_cases():
             core = aot_core(tname, e, causal, dropout, first)
             if fn is _attn_bwd_dq:
                 ptrs["DeltaOut"] = "*fp32"
-                const["EXACT_DELTA"] = tname != "fp32"
+                const["EXACT_DELTA"] = USE_EXACT_DELTA
             if fn is _attn_bwd_dkdv:
                 ptrs["DMask"] = "*fp32"
                 const["MASK_GRAD"] = MASK_GRAD_ATOMIC if variant is DMASK_VARIANT else NO_MASK_GRAD

@@ -265,7 +265,7 @@ def test_fuzz_scaled_dot_product_attention(case):
 # the correctly rounded gradients computed with delta = rowsum(dO * O) taken from the output rounded to
 # bf16 (FlashAttention's delta), not from the exact output, and that error alone exceeded twice the
 # bf16 reference's: a few percent of bf16 draws with a small head size or a scale above 1/sqrt(E)
-# failed. The dQ pass now corrects delta exactly (kernels/attention_bwd.py, EXACT_DELTA).
+# failed. The dQ pass now corrects delta exactly (kernels/attention_bwd.py, EXACT_DELTA), in fp32 too.
 @pytest.mark.parametrize("case", [
     # found: dK error 9.6e-3 > bound 8.1e-3 (under check_op's plain convention dQ, 1.031e-2 > 1.027e-2)
     {**SDPA_BASE, "dtype": "bfloat16", "batched": False, "lq": 28, "lk": 11, "scale": 1.986328125, "seed": 1918099},
@@ -275,7 +275,11 @@ def test_fuzz_scaled_dot_product_attention(case):
     # the same construction in fp16, whose saved O is rounded too
     {**SDPA_BASE, "dtype": "float16", "batched": False, "lq": 28, "lk": 11, "e": 16, "ev": 16, "scale": 0.5,
      "seed": 38},
-], ids=["e1-found", "e16", "e16-fp16"])
+    # found (fp32, after the 16-bit fix): one key and a (1,) float mask, whose gradient is exactly 0 (the
+    # reference's too); delta from the fp32-rounded O left 1.4e-5 summed over the 38 rows > floor 1e-5
+    {**SDPA_BASE, "dtype": "float32", "batched": False, "group": 2, "lq": 19, "lk": 1, "e": 12, "ev": 45,
+     "mask": "float", "mask_shape": (1,), "mask_density": 0.0, "scale": 0.34714739610745343, "seed": 45},
+], ids=["e1-found", "e16", "e16-fp16", "fp32-key-constant-mask"])
 def test_regression_sdpa_bf16_delta_from_rounded_output(case):
     _run_sdpa_case(case)
 
