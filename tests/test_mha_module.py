@@ -132,6 +132,36 @@ def test_need_weights_returns_torchs_weights():
         torch.testing.assert_close(got[1], want[1])
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_need_weights_accepts_every_mask_torch_accepts(batch_first):
+    """The mask checks that run before torch's own path (need_weights=True) reject nothing torch
+    takes: 2-D and 3-D attn_mask, bool and float, key_padding_mask, batched and unbatched, with
+    bias_k/add_zero_attn (which pad the masks inside torch)."""
+    torch.manual_seed(0)
+    original = randomize(nn.MultiheadAttention(16, 4, batch_first=batch_first, add_bias_kv=True,
+                                               add_zero_attn=True)).eval()
+    fast = MultiheadAttention.from_module(original)
+    n, l_q, l_k = 2, 5, 7
+    q = rand(n, l_q, 16) if batch_first else rand(l_q, n, 16)
+    kv = rand(n, l_k, 16) if batch_first else rand(l_k, n, 16)
+    masks = [dict(attn_mask=torch.rand(l_q, l_k) < 0.3),
+             dict(attn_mask=rand(n * 4, l_q, l_k)),
+             dict(key_padding_mask=torch.rand(n, l_k) < 0.3),
+             dict(attn_mask=torch.rand(l_q, l_k) < 0.3, key_padding_mask=torch.rand(n, l_k) < 0.3)]
+    for kw in masks:
+        for fast_kw in (dict(need_weights=True), dict(need_weights=False)):
+            want = original(q, kv, kv, **kw, **fast_kw)
+            got = fast(q, kv, kv, **kw, **fast_kw)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+            if fast_kw["need_weights"]:
+                torch.testing.assert_close(got[1], want[1])
+    uq, ukv = rand(l_q, 16), rand(l_k, 16)  # unbatched: (S,) padding, (heads, L, S) masks
+    for kw in (dict(attn_mask=rand(4, l_q, l_k)), dict(key_padding_mask=torch.rand(l_k) < 0.3)):
+        for need in (True, False):
+            torch.testing.assert_close(fast(uq, ukv, ukv, need_weights=need, **kw)[0],
+                                       original(uq, ukv, ukv, need_weights=need, **kw)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_from_module_shares_parameters_and_keeps_the_type_contract():
     original = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, add_bias_kv=True)
     fast = MultiheadAttention.from_module(original)

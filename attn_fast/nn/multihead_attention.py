@@ -25,17 +25,14 @@ _FN = "MultiheadAttention"
 __all__ = ["MultiheadAttention"]
 
 
-def _sdpa_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
-    """A MultiheadAttention mask (bool True = may NOT attend, or float added to the scores) in the
-    convention of scaled_dot_product_attention (bool True = may attend, or float of the query's dtype)."""
+def _sdpa_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A MultiheadAttention mask (bool True = may NOT attend, or float added to the scores; checked by
+    ``MultiheadAttention._check_masks``) in the convention of scaled_dot_product_attention (bool True =
+    may attend, or float of the query's dtype)."""
     if mask is None:
         return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{_FN}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype == torch.bool:
         return ~mask
-    if not mask.is_floating_point():
-        raise TypeError(f"MultiheadAttention: {name} must be a bool or float tensor, got {mask.dtype}")
     return mask.to(dtype)
 
 
@@ -91,6 +88,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         self._check(query, key, value)
+        self._check_masks(query, key, key_padding_mask, attn_mask)
         if need_weights:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
@@ -124,6 +122,49 @@ class MultiheadAttention(nn.MultiheadAttention):
             if bq != bk:
                 raise ValueError(f"MultiheadAttention: query has batch {bq} but key/value have {bk}")
 
+    def _check_masks(self, query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
+                     attn_mask: Optional[Tensor]) -> None:
+        """The masks' types, dtypes, devices and shapes, by torch's rules, on both paths (so that
+        need_weights=True gets the same clear errors as the fused path instead of torch's asserts)."""
+        unbatched = query.dim() == 2
+        if unbatched:
+            n, l_q, l_k = 1, query.shape[0], key.shape[0]
+        elif self.batch_first:
+            n, l_q, l_k = query.shape[0], query.shape[1], key.shape[1]
+        else:
+            n, l_q, l_k = query.shape[1], query.shape[0], key.shape[0]
+        for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if mask is None:
+                continue
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"{_FN}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError(f"{_FN}: {name} must be a bool or float tensor, got {mask.dtype}")
+            if mask.device != query.device:
+                raise ValueError(f"{_FN}: {name} is on {mask.device} but query is on {query.device}; "
+                                 "move them to the same device")
+        if key_padding_mask is not None:
+            want = (l_k,) if unbatched else (n, l_k)
+            if tuple(key_padding_mask.shape) != want:
+                legend = "(source length,) for an unbatched query" if unbatched else "(batch, source length)"
+                raise ValueError(f"{_FN}: key_padding_mask must have shape {legend} = {want}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if tuple(attn_mask.shape) != (l_q, l_k):
+                    raise ValueError(f"{_FN}: a 2-D attn_mask must have shape (target length, source length) = "
+                                     f"{(l_q, l_k)}, got {tuple(attn_mask.shape)}")
+            elif attn_mask.dim() == 3:
+                want = (n * self.num_heads, l_q, l_k)
+                lead = "num_heads" if unbatched else "batch * num_heads"
+                if tuple(attn_mask.shape) != want:
+                    raise ValueError(f"{_FN}: a 3-D attn_mask must have shape ({lead}, target length, "
+                                     f"source length) = {want}, got {tuple(attn_mask.shape)}")
+            else:
+                raise ValueError(f"{_FN}: attn_mask must be 2-D (target length, source length) or 3-D "
+                                 f"(batch * num_heads, target length, source length), as in torch, "
+                                 f"got shape {tuple(attn_mask.shape)}")
+
     def _projections(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
         b = self.in_proj_bias
@@ -154,20 +195,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._projections(query, key, value)          # (L, N, E), (S, N, E), (S, N, E)
         n, h, d = q.shape[1], self.num_heads, self.head_dim
         use_causal = is_causal and key_padding_mask is None      # trust the hint, as torch does
-        mask = None if use_causal else _sdpa_mask(attn_mask, "attn_mask", q.dtype)
-        pad = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
-        if mask is not None and mask.dim() == 2 and tuple(mask.shape) != (q.shape[0], k.shape[0]):
-            raise ValueError(f"{_FN}: a 2-D attn_mask must have shape (target length, source length) = "
-                             f"{(q.shape[0], k.shape[0])}, got {tuple(attn_mask.shape)}")
-        if mask is not None and mask.dim() == 3:
-            if tuple(mask.shape) != (n * h, q.shape[0], k.shape[0]):
-                raise ValueError(f"{_FN}: a 3-D attn_mask must have shape (batch * num_heads, target length, "
-                                 f"source length) = {(n * h, q.shape[0], k.shape[0])}, got {tuple(attn_mask.shape)}")
+        mask = None if use_causal else _sdpa_mask(attn_mask, q.dtype)
+        pad = _sdpa_mask(key_padding_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:  # shapes checked in _check_masks
             mask = mask.reshape(n, h, *mask.shape[1:])
         if pad is not None:
-            if tuple(pad.shape) != (n, key.shape[0]):
-                raise ValueError(f"MultiheadAttention: key_padding_mask must have shape (batch, source length) = "
-                                 f"{(n, key.shape[0])}, got {tuple(key_padding_mask.shape)}")
             pad = pad[:, None, None, :]
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, n, -1)])
