@@ -518,3 +518,19 @@ CBAM_BASE = dict(dtype="float32", n=1, c=1, h=1, w=1, cr=1, k=1, light=False, sp
                "activation": "gelu", "gate": "hardsigmoid", "gain": 2.0, "seed": 6309})
 def test_fuzz_cbam(case):
     _run_cbam_case(case)
+
+
+# Regression (library bug found by the fuzz profile, fixed): a CBAM with training-mode BatchNorm on
+# a map whose spread was small against its offset (conv weight -0.0097, conv bias near -0.9) gave a
+# conv weight gradient of 1.7e-3 error against a bound of 4.1e-4 (the fp32 reference's 2.0e-4,
+# doubled): the conv output rounded to fp32 around its offset, and the fp32 batch mean, broke the
+# exact cancellation of BatchNorm's backward. The conv now runs without its bias and the statistics
+# and normalisation are float64 (attn_fast/ops/cbam.py, _bn_stats; tests/test_cbam.py has a
+# constructed version).
+@pytest.mark.parametrize("case", [
+    {**CBAM_BASE, "n": 2, "c": 3, "h": 4, "w": 8, "cr": 14, "light": True, "activation": "gelu",
+     "gate": "hardsigmoid", "biases": (True, True, True), "bn": "train", "bn_affine": True, "gain": 0.5,
+     "seed": 179},
+], ids=["found"])
+def test_regression_cbam_batchnorm_training_cancellation(case):
+    _run_cbam_case(case)

@@ -34,22 +34,48 @@ def _maps(mean_c: Tensor, max_c: Tensor, shape, light: bool, spatial_order: str)
     return torch.cat([mean_c, max_c] if spatial_order == "mean_max" else [max_c, mean_c], dim=1)
 
 
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.float()
+def _conv_out64(logits: Tensor, conv_bias: Optional[Tensor]) -> Tensor:
+    """The spatial conv's output in float64: ``logits`` (the conv without its bias, fp32) plus the bias."""
+    out = logits.double()
+    return out if conv_bias is None else out + conv_bias.double().reshape(())
 
 
-def _bn_input_to_gate(logits: Tensor, stats: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                      use_bn: bool) -> Tuple[Tensor, Tensor]:
-    """(normed, gate input) from the conv output; normed is the BatchNorm's (x - mean) * invstd."""
+def _bn_input_to_gate(logits: Tensor, conv_bias: Optional[Tensor], stats: Tensor, bn_weight: Optional[Tensor],
+                      bn_bias: Optional[Tensor], use_bn: bool) -> Tuple[Tensor, Tensor]:
+    """(normed, gate input) from the bias-free conv output ``logits``; normed is the BatchNorm's
+    (conv output - mean) * invstd, taken in float64 (``_bn_stats``) and rounded once."""
     if not use_bn:
-        return logits, logits
-    normed = (logits - stats[0]) * stats[1]
+        gate_in = logits if conv_bias is None else logits + conv_bias.float()
+        return gate_in, gate_in
+    normed = ((_conv_out64(logits, conv_bias) - stats[0]) * stats[1]).float()
     out = normed
     if bn_weight is not None:
         out = out * bn_weight.float()
     if bn_bias is not None:
         out = out + bn_bias.float()
     return normed, out
+
+
+def _bn_stats(logits: Tensor, conv_bias: Optional[Tensor], bn_training: bool, bn_running_mean: Optional[Tensor],
+              bn_running_var: Optional[Tensor], bn_eps: float) -> Tensor:
+    """[mean, invstd, unbiased var] of the spatial BatchNorm, float64: the batch statistics of the
+    conv output in training mode, the running ones in eval.
+
+    Training-mode BatchNorm's backward relies on the normed map having zero mean exactly (its
+    output is blind to a shift of its input), and the conv weight's and bias's gradients are what
+    is left of that cancellation, sums over every position. A mean or a conv output rounded to
+    fp32 where the map's spread is small against its offset (a small conv weight, a bias near 1)
+    breaks it: those gradients came out at 8x and more of the fp32 reference's error (found by the
+    fuzz profile). So the conv runs in fp32 without its bias (its output then has the spread's
+    scale, not the offset's), and the bias, the statistics and the normalisation are float64. The
+    map is (N, 1, H, W), C times smaller than x: the float64 passes cost next to nothing."""
+    if bn_training:
+        l64 = _conv_out64(logits, conv_bias)
+        count = l64.numel()
+        var = l64.var(unbiased=False)
+        return torch.stack([l64.mean(), torch.rsqrt(var + bn_eps), var * count / max(count - 1, 1)])
+    mean, var = bn_running_mean.double().reshape(()), bn_running_var.double().reshape(())
+    return torch.stack([mean, torch.rsqrt(var + bn_eps), var])
 
 
 @torch.library.custom_op("attn_fast::cbam_fwd", mutates_args=())
@@ -60,8 +86,9 @@ def cbam_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
              spatial_order: str, use_bn: bool, bn_training: bool, bn_eps: float) -> Tuple[
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, avg, zmax, pre1, h, pre, ca, mean_c, max_c, cnt, logits, sa, bn_stats): the output and what
-    the backward needs (all fp32 but y); bn_stats = [mean, invstd, unbiased var] of the BatchNorm
-    (batch statistics in training mode, running ones in eval), empty without one."""
+    the backward needs (fp32 but y and bn_stats); logits is the spatial conv's output without its
+    bias; bn_stats = [mean, invstd, unbiased var] of the BatchNorm in float64 (batch statistics in training mode, running ones in eval; ``_bn_stats``),
+    empty without one."""
     from ..kernels.interpreter import kernel_section
 
     with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
@@ -78,18 +105,12 @@ def cbam_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
         ca = gate_fn(channel_gate)(pre).contiguous()
         mean_c, max_c, cnt = K.spatial_stats(x, ca)
         k = conv_weight.shape[-1]
-        logits = F.conv2d(_maps(mean_c, max_c, x.shape, light, spatial_order), conv_weight.float(), _f32(conv_bias),
+        # the conv without its bias (see _bn_stats); _conv_out64 / _bn_input_to_gate add it
+        logits = F.conv2d(_maps(mean_c, max_c, x.shape, light, spatial_order), conv_weight.float(), None,
                           padding=k // 2)
-        if not use_bn:
-            stats = x.new_empty((0,), dtype=torch.float32)
-        elif bn_training:
-            count = logits.numel()
-            var = logits.var(unbiased=False)
-            stats = torch.stack([logits.mean(), torch.rsqrt(var + bn_eps), var * count / max(count - 1, 1)])
-        else:
-            stats = torch.stack([bn_running_mean.float().reshape(()), torch.rsqrt(bn_running_var.float().reshape(()) + bn_eps),
-                                 bn_running_var.float().reshape(())])
-        _, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
+        stats = (_bn_stats(logits, conv_bias, bn_training, bn_running_mean, bn_running_var, bn_eps) if use_bn
+                 else x.new_empty((0,), dtype=torch.float64))
+        _, gate_in = _bn_input_to_gate(logits, conv_bias, stats, bn_weight, bn_bias, use_bn)
         sa = gate_fn(gate)(gate_in).reshape(n, hh * ww).contiguous()
         y = K.apply_gates(x, ca, sa)
         return y, avg, zmax, m["pre1"], m["h"], pre, ca, mean_c, max_c, cnt, logits, sa, stats
@@ -107,7 +128,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_
 
     return (torch.empty_like(x), f32(n, c), f32(n, c), f32(rows, cr), f32(rows, cr), f32(n, c), f32(n, c),
             f32(n, hh * ww), f32(n, hh * ww), f32(n, hh * ww), f32(n, 1, hh, ww), f32(n, hh * ww),
-            f32(3 if use_bn else 0))
+            x.new_empty((3 if use_bn else 0,), dtype=torch.float64))
 
 
 @torch.library.custom_op("attn_fast::cbam_bwd", mutates_args=())
@@ -128,8 +149,8 @@ def cbam_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
         n, c, hh, ww = x.shape
         hw = hh * ww
         dsa, dca, ties = K.backward_gates(dy, x, ca, sa, zmax)
-        # The spatial half on the maps: gate, BatchNorm, conv (fp32, torch's derivatives).
-        normed, gate_in = _bn_input_to_gate(logits, stats, bn_weight, bn_bias, use_bn)
+        # The spatial half on the maps: gate, BatchNorm (its statistics' part in float64), conv (fp32).
+        normed, gate_in = _bn_input_to_gate(logits, conv_bias, stats, bn_weight, bn_bias, use_bn)
         dgate_in = _vjp(gate, gate_in, dsa.view(n, 1, hh, ww))
         dbn_w = dbn_b = None
         if use_bn:
@@ -139,9 +160,11 @@ def cbam_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
                 dbn_b = dgate_in.sum().reshape(1)
             dnormed = dgate_in * bn_weight.float() if bn_weight is not None else dgate_in
             if bn_training:  # through the batch mean and variance too
-                dlogits = stats[1] * (dnormed - dnormed.mean() - normed * (dnormed * normed).mean())
+                # float64, as the statistics: the sum of dlogits (the conv bias's gradient) is exactly 0
+                d64, n64 = dnormed.double(), (_conv_out64(logits, conv_bias) - stats[0]) * stats[1]
+                dlogits = (stats[1] * (d64 - d64.mean() - n64 * (d64 * n64).mean())).float()
             else:
-                dlogits = dnormed * stats[1]
+                dlogits = dnormed * stats[1].float()
         else:
             dlogits = dgate_in
         k = conv_weight.shape[-1]
