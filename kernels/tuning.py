@@ -21,6 +21,7 @@ so a config picked by timing could differ from one process to the next, and so c
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
@@ -32,6 +33,9 @@ __all__ = ["Config", "bench", "bucket", "clear_cache", "enabled", "pick"]
 Config = Tuple[int, int, int, int]
 
 _CACHE: Dict[Hashable, Config] = {}
+#: Held while candidates are timed: threads that meet a new kind of problem at once time it once, one
+#: after the other, and not while another thread's timing runs on the same GPU (which would skew it).
+_TIMING = threading.RLock()
 
 
 def enabled(deterministic: bool = False) -> bool:
@@ -63,10 +67,14 @@ def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config],
     if len(candidates) == 1 or not enabled(deterministic):
         return candidates[0]
     cfg = _CACHE.get(key)
-    if cfg is None:
-        times = [bench(lambda c=c: launch(c)) for c in candidates]
-        cfg = candidates[min(range(len(times)), key=times.__getitem__)]
-        _CACHE[key] = cfg
+    if cfg is not None:
+        return cfg
+    with _TIMING:
+        cfg = _CACHE.get(key)  # another thread may have timed it while this one waited
+        if cfg is None:
+            times = [bench(lambda c=c: launch(c)) for c in candidates]
+            cfg = candidates[min(range(len(times)), key=times.__getitem__)]
+            _CACHE[key] = cfg
     return cfg
 
 

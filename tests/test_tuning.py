@@ -48,6 +48,39 @@ def test_pick_times_each_candidate_once_per_key(monkeypatch):
     assert tuning.pick("k2", cands, ran.append) == cands[2] and len(fake.calls) == 6
 
 
+def test_threads_meeting_a_new_key_time_it_once(monkeypatch):
+    """Threads that pick for the same new key at once: the candidates are timed once (not once per
+    thread, nor overlapping), and every thread gets the same choice."""
+    import threading
+    import time
+
+    active, overlaps = [], []
+
+    def slow_bench(fn):
+        active.append(1)
+        overlaps.append(len(active) > 1)
+        time.sleep(0.01)
+        fn()
+        active.pop()
+        return float(len(overlaps))  # the first timing is the fastest
+
+    monkeypatch.setattr(tuning, "bench", slow_bench)
+    cands = [(64, 32, 4, 2), (128, 32, 8, 2)]
+    start, got = threading.Barrier(4), []
+
+    def worker():
+        start.wait()
+        got.append(tuning.pick("shared", cands, lambda c: None))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [cands[0]] * 4
+    assert len(overlaps) == len(cands) and not any(overlaps)
+
+
 def test_pick_skips_timing_for_one_candidate_or_when_off(monkeypatch):
     fake = FakeBench(best=1)
     monkeypatch.setattr(tuning, "bench", fake)
