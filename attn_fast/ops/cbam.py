@@ -41,14 +41,14 @@ def _conv_out64(logits: Tensor, conv_bias: Optional[Tensor]) -> Tensor:
 
 
 def _bn_input_to_gate(logits: Tensor, conv_bias: Optional[Tensor], stats: Tensor, bn_weight: Optional[Tensor],
-                      bn_bias: Optional[Tensor], use_bn: bool) -> Tuple[Tensor, Tensor]:
-    """(normed, gate input) from the bias-free conv output ``logits``; normed is the BatchNorm's
-    (conv output - mean) * invstd, taken in float64 (``_bn_stats``) and rounded once."""
+                      bn_bias: Optional[Tensor], use_bn: bool) -> Tuple[Optional[Tensor], Tensor]:
+    """(normed, gate input) from the bias-free conv output ``logits``: normed is the BatchNorm's
+    (conv output - mean) * invstd in float64 (``_bn_stats``; None without a BatchNorm), the gate
+    input fp32."""
     if not use_bn:
-        gate_in = logits if conv_bias is None else logits + conv_bias.float()
-        return gate_in, gate_in
-    normed = ((_conv_out64(logits, conv_bias) - stats[0]) * stats[1]).float()
-    out = normed
+        return None, logits if conv_bias is None else logits + conv_bias.float()
+    normed = (_conv_out64(logits, conv_bias) - stats[0]) * stats[1]
+    out = normed.float()
     if bn_weight is not None:
         out = out * bn_weight.float()
     if bn_bias is not None:
@@ -87,8 +87,8 @@ def cbam_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, avg, zmax, pre1, h, pre, ca, mean_c, max_c, cnt, logits, sa, bn_stats): the output and what
     the backward needs (fp32 but y and bn_stats); logits is the spatial conv's output without its
-    bias; bn_stats = [mean, invstd, unbiased var] of the BatchNorm in float64 (batch statistics in training mode, running ones in eval; ``_bn_stats``),
-    empty without one."""
+    bias; bn_stats = [mean, invstd, unbiased var] of the BatchNorm in float64 (batch statistics in
+    training mode, running ones in eval; ``_bn_stats``), empty without one."""
     from ..kernels.interpreter import kernel_section
 
     with kernel_section():  # one launch at a time under the interpreter (it is not thread-safe)
@@ -150,19 +150,19 @@ def cbam_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
         hw = hh * ww
         dsa, dca, ties = K.backward_gates(dy, x, ca, sa, zmax)
         # The spatial half on the maps: gate, BatchNorm (its statistics' part in float64), conv (fp32).
-        normed, gate_in = _bn_input_to_gate(logits, conv_bias, stats, bn_weight, bn_bias, use_bn)
+        normed64, gate_in = _bn_input_to_gate(logits, conv_bias, stats, bn_weight, bn_bias, use_bn)
         dgate_in = _vjp(gate, gate_in, dsa.view(n, 1, hh, ww))
         dbn_w = dbn_b = None
         if use_bn:
             if bn_weight is not None:
-                dbn_w = (dgate_in * normed).sum().reshape(1)
+                dbn_w = (dgate_in * normed64.float()).sum().reshape(1)
             if bn_bias is not None:
                 dbn_b = dgate_in.sum().reshape(1)
             dnormed = dgate_in * bn_weight.float() if bn_weight is not None else dgate_in
             if bn_training:  # through the batch mean and variance too
                 # float64, as the statistics: the sum of dlogits (the conv bias's gradient) is exactly 0
-                d64, n64 = dnormed.double(), (_conv_out64(logits, conv_bias) - stats[0]) * stats[1]
-                dlogits = (stats[1] * (d64 - d64.mean() - n64 * (d64 * n64).mean())).float()
+                d64 = dnormed.double()
+                dlogits = (stats[1] * (d64 - d64.mean() - normed64 * (d64 * normed64).mean())).float()
             else:
                 dlogits = dnormed * stats[1].float()
         else:
