@@ -48,6 +48,7 @@ def _map_source_tree() -> None:
 _map_source_tree()
 
 from . import dispatch, nn, numerics, ops, reference  # noqa: E402
+from ._validate import InputError, InputTypeError  # noqa: E402
 from .dispatch import get_backend, set_backend  # noqa: E402
 from .functional import (  # noqa: E402
     cbam, efficient_channel_attention, scaled_dot_product_attention, squeeze_excite)
@@ -64,6 +65,8 @@ __all__ = [
     "verify",
     "ConversionReport",
     "VerifyReport",
+    "InputError",
+    "InputTypeError",
     "set_backend",
     "get_backend",
     "dispatch",

@@ -2,14 +2,16 @@
 picks the Triton kernels or the PyTorch reference (attn_fast.dispatch)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from ._validate import (
-    FLOAT_DTYPES, check_bool, check_choice, check_nonnegative_float, check_probability, check_same, check_scale,
+    FLOAT_DTYPES, InputError, InputTypeError, check_bool, check_choice, check_nonnegative_float, check_probability, check_same, check_scale,
     check_shape, check_tensor)
 from .reference import ACTIVATIONS, CAUSAL_ALIGNMENTS, GATES, POOLS, SPATIAL_ORDERS
 
@@ -37,12 +39,21 @@ def scaled_dot_product_attention(
     ``torch.nn.functional.scaled_dot_product_attention``.
 
     Args:
-        query (Tensor): (B, Hq, Lq, E) or (Hq, Lq, E); fp16, bf16, fp32 (kernels) or fp64 (reference).
-            Strided views such as ``x.view(B, L, H, E).transpose(1, 2)`` are fine.
-        key (Tensor): (B, Hk, Lk, E); Hk == Hq, or Hq % Hk == 0 with ``enable_gqa``.
-        value (Tensor): (B, Hk, Lk, Ev); Ev may differ from E. 1 <= E, Ev <= 256.
+        query (Tensor): (..., Hq, Lq, E), e.g. (B, Hq, Lq, E), (Hq, Lq, E) or (Lq, E); fp16, bf16, fp32
+            (kernels) or fp64 (reference). Strided views such as ``x.view(B, L, H, E).transpose(1, 2)``
+            are fine.
+        key (Tensor): (..., Hk, Lk, E). The dims before the last two broadcast against query's and
+            value's as in torch (any number of batch dims; size-1 batch or head dims expand, without
+            copies); with ``enable_gqa``, Hq % Hk == 0 instead.
+        value (Tensor): (..., Hk, Lk, Ev); Ev may differ from E. 0 <= E, Ev <= 256 (E = 0: every score
+            is 0, so each row is the softmax of the mask alone, as in torch).
         attn_mask (Tensor, optional): bool (True = may attend) or additive float mask of query's
-            dtype, broadcastable to (B, Hq, Lq, Lk). May be combined with ``is_causal``.
+            dtype, broadcastable to (..., Hq, Lq, Lk); or one of torch's ``CausalBias`` masks
+            (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``), read as a causal
+            flag with its alignment. A tensor mask may be combined with ``is_causal`` (both apply;
+            torch rejects the combination). Finite values far below any score (the Hugging Face
+            convention ``torch.finfo(dtype).min``) mask a key as -inf does, except that a row masked
+            only by such values averages its keys, as in torch, instead of giving zeros.
         dropout_p (float): dropout probability on the attention weights, in [0, 1). The kernels draw
             the keep-mask with Philox from a seed taken from torch's default CPU generator, so
             ``torch.manual_seed`` makes it reproducible; ``attn_fast.ops.attention.dropout_keep_mask``
@@ -59,67 +70,153 @@ def scaled_dot_product_attention(
             ``torch.use_deterministic_algorithms(True)`` turns it on for every call.
 
     Returns:
-        Tensor (B, Hq, Lq, Ev) in query's dtype. Rows whose keys are all masked give zeros.
+        Tensor (..., Hq, Lq, Ev) in query's dtype, the broadcast batch dims first ((Lq, Ev) for 2-D
+        inputs). Rows whose keys are all masked out (False or -inf) give zeros.
+
+    Raises:
+        InputError / InputTypeError (ValueError / TypeError that are also RuntimeError, as torch
+        raises) naming the argument, before any kernel runs.
     """
     fn = "scaled_dot_product_attention"
-    legend = "(B, H, L, E) or (H, L, E)"
-    check_tensor(fn, "query", query, ndims=(3, 4), legend=legend)
-    check_tensor(fn, "key", key, ndims=(query.dim(),), legend=f"like query ({query.dim()}-D)")
-    check_tensor(fn, "value", value, ndims=(query.dim(),), legend=f"like query ({query.dim()}-D)")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(fn, name, t)
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise InputError(f"{fn}: query, key and value must be at least 2-D (..., L, E), got "
+                         f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
     check_same(fn, ("query", query), ("key", key), ("value", value))
-    *batch_q, hq, lq, e = query.shape
-    *batch_k, hk, lk, ek = key.shape
-    *batch_v, hv, lv, ev = value.shape
-    if not (batch_q == batch_k == batch_v):
-        raise ValueError(f"{fn}: batch sizes differ: query {tuple(batch_q)}, key {tuple(batch_k)}, "
-                         f"value {tuple(batch_v)}")
-    if ek != e:
-        raise ValueError(f"{fn}: key head size {ek} != query head size {e} (last dims must match)")
-    if lv != lk:
-        raise ValueError(f"{fn}: value length {lv} != key length {lk} (dim -2 must match)")
-    if hv != hk:
-        raise ValueError(f"{fn}: value has {hv} heads but key has {hk}")
-    for name, size in (("query/key head size", e), ("value head size", ev)):
-        if not 1 <= size <= MAX_HEAD_DIM:
-            raise ValueError(f"{fn}: {name} must be in 1..{MAX_HEAD_DIM}, got {size}")
     check_bool(fn, "is_causal", is_causal)
     check_bool(fn, "enable_gqa", enable_gqa)
-    if hq != hk:
-        if not enable_gqa:
-            raise ValueError(f"{fn}: query has {hq} heads but key/value have {hk}; "
-                             "for grouped-query attention set enable_gqa=True")
-        if hk == 0 or hq % hk != 0:
-            raise ValueError(f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of "
-                             f"key/value heads ({hk})")
+    check_choice(fn, "causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    e, lq = query.shape[-1], query.shape[-2]
+    lk, ek, lv, ev = key.shape[-2], key.shape[-1], value.shape[-2], value.shape[-1]
+    if ek != e:
+        raise InputError(f"{fn}: key head size {ek} != query head size {e} (last dims must match)")
+    if lv != lk:
+        raise InputError(f"{fn}: value length {lv} != key length {lk} (dim -2 must match)")
+    for name, size in (("query/key head size", e), ("value head size", ev)):
+        if size > MAX_HEAD_DIM:
+            raise InputError(f"{fn}: {name} must be at most {MAX_HEAD_DIM}, got {size}")
+    if _is_causal_bias(attn_mask):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
+        attn_mask, is_causal, causal_alignment = _from_causal_bias(fn, attn_mask, is_causal, causal_alignment,
+                                                                   lq, lk)
+    q, k, v, batch, gqa = _broadcast_qkv(fn, query, key, value, enable_gqa)
+    hq = q.shape[1]
+    mask = None
     if attn_mask is not None:
         check_tensor(fn, "attn_mask", attn_mask, dtypes=(torch.bool, query.dtype))
         check_same(fn, ("query", query), ("attn_mask", attn_mask), dtype=False)
-        target = (*batch_q, hq, lq, lk)
+        target = (*batch, hq, lq, lk)
         try:
             fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
         except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
-                             f"to {target} ({'B, ' if batch_q else ''}Hq, Lq, Lk)")
+            raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                             f"to {target} (..., Hq, Lq, Lk)")
+        mask = _mask_4d(attn_mask, batch)
     dropout_p = check_probability(fn, "dropout_p", dropout_p)
     scale = check_scale(fn, scale)
-    check_choice(fn, "causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     check_bool(fn, "deterministic", deterministic)
-    return ops.attention.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment, deterministic)
+    if e == 0:  # every score is 0 (torch's result: softmax of the mask alone); one zero column stands in
+        q, k, scale = F.pad(q, (0, 1)), F.pad(k, (0, 1)), 1.0
+    if ev == 0:
+        v = F.pad(v, (0, 1))
+    out = ops.attention.scaled_dot_product_attention(
+        q, k, v, mask, dropout_p, is_causal, scale, gqa, causal_alignment, deterministic)
+    if ev == 0:
+        out = out[..., :0]
+    if query.dim() == key.dim() == value.dim() == 2:
+        return out.reshape(lq, ev)
+    return out.reshape(*batch, hq, lq, ev) if len(batch) != 1 else out
+
+
+def _is_causal_bias(mask) -> bool:
+    try:
+        from torch.nn.attention.bias import CausalBias
+    except ImportError:  # torch without attention biases
+        return False
+    return isinstance(mask, CausalBias)
+
+
+def _from_causal_bias(fn: str, bias, is_causal: bool, causal_alignment: str, lq: int, lk: int):
+    """(attn_mask, is_causal, causal_alignment) for one of torch's CausalBias masks: a causal flag,
+    never a tensor to read (its storage holds nothing)."""
+    from torch.nn.attention.bias import CausalVariant
+
+    if is_causal:
+        raise InputError(f"{fn}: a CausalBias attn_mask is itself the causal mask; do not set is_causal=True "
+                         "too (as torch)")
+    if causal_alignment != "top_left":
+        raise InputError(f"{fn}: a CausalBias attn_mask brings its own alignment; leave causal_alignment "
+                         f"at 'top_left', got {causal_alignment!r}")
+    if (bias.seq_len_q, bias.seq_len_kv) != (lq, lk):
+        raise InputError(f"{fn}: the CausalBias attn_mask is for (Lq, Lk) = ({bias.seq_len_q}, {bias.seq_len_kv}), "
+                         f"but query and key have ({lq}, {lk})")
+    lower_right = bias.variant == CausalVariant.LOWER_RIGHT
+    return None, True, "lower_right" if lower_right else "top_left"
+
+
+def _broadcast_qkv(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """query, key, value as 4-D (B, H, L, E) views, with torch's broadcasting of every dim before the
+    last two (any number of batch dims, 2-D inputs, size-1 batch or head dims of either side); GQA
+    keeps key/value's own heads. Returns (q, k, v, batch shape before the heads, gqa)."""
+    nd = max(query.dim(), key.dim(), value.dim(), 3)
+
+    def padded(t: Tensor) -> Tensor:
+        return t[(None,) * (nd - t.dim())]
+
+    q, k, v = padded(query), padded(key), padded(value)
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    gqa = enable_gqa and hq != hk and hk == hv and hk > 0 and hq % hk == 0 and hk != 1
+    if gqa:
+        hq_out, hkv = hq, hk
+    else:
+        if enable_gqa and hq != hk and hk == hv and (hk == 0 or hq % hk != 0):
+            raise InputError(f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of "
+                             f"key/value heads ({hk})")
+        try:
+            hq_out = hkv = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+        except RuntimeError:
+            hint = "; for grouped-query attention set enable_gqa=True" if hk == hv and hk and hq % hk == 0 else ""
+            raise InputError(f"{fn}: query has {hq} heads but key has {hk} and value {hv}: they must be equal "
+                             f"or 1 (broadcast){hint}") from None
+    try:
+        batch = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+    except RuntimeError:
+        raise InputError(f"{fn}: batch dims do not broadcast: query {tuple(query.shape[:-3])}, key "
+                         f"{tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}") from None
+    q = q.expand(*batch, hq_out, *q.shape[-2:])
+    k = k.expand(*batch, hkv, *k.shape[-2:])
+    v = v.expand(*batch, hkv, *v.shape[-2:])
+    if len(batch) != 1:  # one batch dim (a view when the dims merge; a copy only where they can't)
+        q, k, v = (t.reshape(math.prod(batch), *t.shape[-3:]) for t in (q, k, v))
+    if query.dim() == 2 and key.dim() == 2 and value.dim() == 2:
+        batch = ()
+    return q, k, v, batch, gqa
+
+
+def _mask_4d(mask: Tensor, batch: Tuple[int, ...]) -> Tensor:
+    """A mask broadcastable to (*batch, H, Lq, Lk) as a 4-D one broadcastable to (B, H, Lq, Lk) with B
+    the batch dims merged: un-expanded (the kernels broadcast through strides) where it allows."""
+    if len(batch) <= 1:
+        return mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
+    mask = mask[(None,) * (len(batch) + 3 - mask.dim())]
+    lead = mask.shape[:len(batch)]
+    if all(size == 1 for size in lead):
+        return mask.reshape(1, *mask.shape[len(batch):])
+    return mask.expand(*batch, *mask.shape[len(batch):]).reshape(math.prod(batch), *mask.shape[len(batch):])
 
 
 def _check_fc(fn: str, name: str, w: Tensor, out_features: Optional[int], in_features: int) -> int:
     """A 1x1-conv (out, in, 1, 1) or linear (out, in) weight; returns ``out``."""
     check_tensor(fn, name, w, ndims=(2, 4))
     if w.dim() == 4 and tuple(w.shape[2:]) != (1, 1):
-        raise ValueError(f"{fn}: {name} must be a 1x1 conv weight (out, in, 1, 1), got {tuple(w.shape)}")
+        raise InputError(f"{fn}: {name} must be a 1x1 conv weight (out, in, 1, 1), got {tuple(w.shape)}")
     out = out_features if out_features is not None else w.shape[0]
     if out < 1:
-        raise ValueError(f"{fn}: {name} must have at least one output channel (dim 0), got shape {tuple(w.shape)}")
+        raise InputError(f"{fn}: {name} must have at least one output channel (dim 0), got shape {tuple(w.shape)}")
     if w.shape[0] != out or w.shape[1] != in_features:
-        raise ValueError(f"{fn}: {name} must have shape ({out}, {in_features}) or "
+        raise InputError(f"{fn}: {name} must have shape ({out}, {in_features}) or "
                          f"({out}, {in_features}, 1, 1), got {tuple(w.shape)}")
     return out
 
@@ -128,9 +225,9 @@ def _check_image(fn: str, x, *, max_pool: bool = False) -> Tensor:
     """x is (N, C, H, W) with C >= 1 (and H * W >= 1 where the op takes a max over H, W)."""
     check_tensor(fn, "x", x, ndims=(4,), legend="(N, C, H, W)")
     if x.shape[1] < 1:
-        raise ValueError(f"{fn}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
+        raise InputError(f"{fn}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
     if max_pool and x.shape[2] * x.shape[3] < 1:
-        raise ValueError(f"{fn}: x must have H * W >= 1 (the op takes a max over H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"{fn}: x must have H * W >= 1 (the op takes a max over H, W), got shape {tuple(x.shape)}")
     return x
 
 
@@ -172,7 +269,7 @@ def squeeze_excite(
     if fc2_weight is not None:
         _check_fc(fn, "fc2_weight", fc2_weight, c, cr)
     elif fc2_bias is not None:
-        raise ValueError(f"{fn}: fc2_bias was given without fc2_weight")
+        raise InputError(f"{fn}: fc2_bias was given without fc2_weight")
     check_shape(fn, "fc2_bias", fc2_bias, [(c,)])
     check_same(fn, ("x", x), ("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
                ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias))
@@ -181,9 +278,9 @@ def squeeze_excite(
     check_choice(fn, "pool", pool, POOLS)
     if norm is not None:
         if not callable(norm):
-            raise TypeError(f"{fn}: norm must be a callable (a norm layer), got {type(norm).__name__}")
+            raise InputTypeError(f"{fn}: norm must be a callable (a norm layer), got {type(norm).__name__}")
         if fc2_weight is None:
-            raise ValueError(f"{fn}: norm needs a hidden layer (fc2_weight); a single fc has none")
+            raise InputError(f"{fn}: norm needs a hidden layer (fc2_weight); a single fc has none")
     return ops.squeeze_excite.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                              activation, gate, pool, norm)
 
@@ -202,7 +299,7 @@ def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "
     check_tensor(fn, "conv_weight", conv_weight, ndims=(1, 3))
     k = conv_weight.shape[-1]
     if conv_weight.numel() != k or k % 2 == 0:
-        raise ValueError(f"{fn}: conv_weight must have shape (1, 1, k) or (k,) with k odd, "
+        raise InputError(f"{fn}: conv_weight must have shape (1, 1, k) or (k,) with k odd, "
                          f"got {tuple(conv_weight.shape)}")
     check_same(fn, ("x", x), ("conv_weight", conv_weight))
     check_choice(fn, "gate", gate, tuple(GATES))
@@ -258,7 +355,7 @@ def cbam(
     maps = 1 if light else 2
     k = conv_weight.shape[-1]
     if tuple(conv_weight.shape) != (1, maps, k, k) or k % 2 == 0:
-        raise ValueError(f"{fn}: conv_weight must have shape (1, {maps}, k, k) with k odd"
+        raise InputError(f"{fn}: conv_weight must have shape (1, {maps}, k, k) with k odd"
                          f"{' (light=True)' if light else ''}, got {tuple(conv_weight.shape)}")
     check_shape(fn, "conv_bias", conv_bias, [(1,)])
     bn = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_running_mean", bn_running_mean),
@@ -268,13 +365,13 @@ def cbam(
             check_tensor(fn, name, t, dtypes=FLOAT_DTYPES)
             check_shape(fn, name, t, [(1,)])
     if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum <= 1.0:
-        raise ValueError(f"{fn}: bn_momentum must be a float in [0, 1] (BatchNorm's momentum=None is not "
+        raise InputError(f"{fn}: bn_momentum must be a float in [0, 1] (BatchNorm's momentum=None is not "
                          f"supported), got {bn_momentum!r}")
     bn_eps = check_nonnegative_float(fn, "bn_eps", bn_eps)
     if (bn_running_mean is None) != (bn_running_var is None):
-        raise ValueError(f"{fn}: give both bn_running_mean and bn_running_var, or neither")
+        raise InputError(f"{fn}: give both bn_running_mean and bn_running_var, or neither")
     if bn_running_mean is None and bn_weight is not None and not bn_training:
-        raise ValueError(f"{fn}: BatchNorm in eval mode (bn_training=False) needs bn_running_mean "
+        raise InputError(f"{fn}: BatchNorm in eval mode (bn_training=False) needs bn_running_mean "
                          "and bn_running_var")
     check_same(fn, ("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight),
                ("conv_weight", conv_weight), ("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias),
@@ -286,7 +383,7 @@ def cbam(
         check_choice(fn, "channel_gate", channel_gate, tuple(GATES))
     check_bool(fn, "bn_training", bn_training)
     if bn_training and (bn_weight is not None or bn_running_mean is not None) and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"{fn}: BatchNorm in training mode needs more than one value per channel: "
+        raise InputError(f"{fn}: BatchNorm in training mode needs more than one value per channel: "
                          f"x {tuple(x.shape)} gives N * H * W = {x.shape[0] * x.shape[2] * x.shape[3]}")
     check_choice(fn, "spatial_order", spatial_order, SPATIAL_ORDERS)
     return ops.cbam.cbam(
