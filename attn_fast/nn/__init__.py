@@ -3,11 +3,13 @@ of the layers they replace, and ``from_module(m)`` to wrap an existing layer (sh
 parameters). ``UnsupportedLayerError`` says why a layer cannot be wrapped."""
 from ._layers import UnsupportedLayerError, activation_name
 from .cbam import CBAM
-from .multihead_attention import MultiheadAttention
+from .multihead_attention import (MultiheadAttention, MultiheadAttentionAssertionError,
+                                  MultiheadAttentionTypeAssertionError)
 from .squeeze_excite import EcaModule, EffectiveSEModule, EfficientNetSqueezeExcite, SEModule, SqueezeExcite
 from .vit_attention import VitAttention
 
 __all__ = [
     "MultiheadAttention", "VitAttention", "SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule", "CBAM",
-    "UnsupportedLayerError", "activation_name",
+    "UnsupportedLayerError", "activation_name", "MultiheadAttentionAssertionError",
+    "MultiheadAttentionTypeAssertionError",
 ]

@@ -3,15 +3,17 @@ module computes (by its exact class, so a subclass with its own forward is never
 and whether a convolution is the pointwise one the kernels assume."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+import torch.fx
 from torch import nn
 
-from .._validate import FLOAT_DTYPES, check_tensor
+from .._validate import FLOAT_DTYPES, InputError, InputTypeError, check_tensor
 
 __all__ = ["UnsupportedLayerError", "activation_name", "gate_name", "make_activation", "ActivationSpec",
-           "check_pointwise_conv", "make_divisible", "check_input"]
+           "check_pointwise_conv", "make_divisible", "check_input", "cast_for_autocast", "autocast_off", "fx_traced"]
 
 #: What a constructor takes for an activation or gate: a name (ours or timm's), a module class (or
 #: any callable returning a module, as torchvision takes), or a module.
@@ -85,16 +87,16 @@ def make_activation(spec: ActivationSpec, what: str = "activation") -> nn.Module
     if isinstance(spec, str):
         name = _ALIASES.get(spec.lower())
         if name is None:
-            raise ValueError(f"{what} must be one of {sorted(_ALIASES)}, got {spec!r}")
+            raise InputError(f"{what} must be one of {sorted(_ALIASES)}, got {spec!r}")
         module = _MODULES[name]()
     elif isinstance(spec, nn.Module):
         module = spec
     elif callable(spec):
         module = spec()
         if not isinstance(module, nn.Module):
-            raise TypeError(f"{what}: calling {spec!r} gave {type(module).__name__}, not an nn.Module")
+            raise InputTypeError(f"{what}: calling {spec!r} gave {type(module).__name__}, not an nn.Module")
     else:
-        raise TypeError(f"{what} must be a name, an nn.Module class or an nn.Module, got {type(spec).__name__}")
+        raise InputTypeError(f"{what} must be a name, an nn.Module class or an nn.Module, got {type(spec).__name__}")
     activation_name(module, what)
     return module
 
@@ -137,6 +139,22 @@ def cast_for_autocast(w: Optional[torch.Tensor], x: torch.Tensor) -> Optional[to
     return w.to(x.dtype)
 
 
+def autocast_off(x: torch.Tensor):
+    """A context in which a fused op runs: autocast off for x's device (a no-op when it is off).
+    The modules hand the op its weights in x's dtype (``cast_for_autocast``) and the op picks its own
+    internal precision; autocast reaching inside would run its fp32 parts (CBAM's k x k conv and
+    BatchNorm on the spatial map, the reference's accumulations) in 16 bits."""
+    if _autocast_on(x.device):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def fx_traced(*values) -> bool:
+    """Whether any of ``values`` is a ``torch.fx.Proxy``: the module is being symbolically traced, so
+    its eager input checks (which read shapes and dtypes) cannot run; the traced graph runs them."""
+    return any(isinstance(v, torch.fx.Proxy) for v in values)
+
+
 def _autocast_on(device: torch.device) -> bool:
     return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
@@ -147,11 +165,11 @@ def check_input(owner: str, name: str, x, weight: torch.Tensor, *, ndims: Sequen
     the device of the module's ``weight`` and (unless autocast is on, which casts) of its dtype."""
     check_tensor(owner, name, x, ndims=ndims, dtypes=FLOAT_DTYPES, legend=legend)
     if channels is not None and x.shape[dim] != channels:
-        raise ValueError(f"{owner}: {name} must have {channels} {unit} (dim {dim}), got shape {tuple(x.shape)}")
+        raise InputError(f"{owner}: {name} must have {channels} {unit} (dim {dim}), got shape {tuple(x.shape)}")
     if x.device != weight.device:
-        raise ValueError(f"{owner}: {name} is on {x.device} but the module's parameters are on {weight.device}; "
+        raise InputError(f"{owner}: {name} is on {x.device} but the module's parameters are on {weight.device}; "
                          "move them to the same device")
     if x.dtype != weight.dtype and not _autocast_on(x.device):
-        raise TypeError(f"{owner}: {name} has dtype {x.dtype} but the module's parameters have {weight.dtype}; "
+        raise InputTypeError(f"{owner}: {name} has dtype {x.dtype} but the module's parameters have {weight.dtype}; "
                         "they must match (convert the module with .to(dtype), or run under torch.autocast)")
     return x

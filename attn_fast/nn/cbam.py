@@ -7,15 +7,50 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.fx
 from torch import Tensor, nn
 
 from .. import functional
 from .._validate import check_bool, check_positive_int
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast, check_input,
-                      check_pointwise_conv, gate_name, make_activation, make_divisible)
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_off, cast_for_autocast,
+                      check_input, check_pointwise_conv, gate_name, make_activation, make_divisible)
 from .squeeze_excite import _adopt, _original_forward
 
 __all__ = ["CBAM"]
+
+
+def _bn_arguments(bn: nn.Module) -> dict:
+    """BatchNorm2d's forward logic, as arguments of attn_fast.cbam (and its side effect on
+    num_batches_tracked). The state goes in its own dtype: the op takes BatchNorm state of any float
+    dtype, so under autocast (16-bit x, fp32 BatchNorm) it is used as ``nn.BatchNorm2d`` uses it."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return dict(bn_weight=bn.weight, bn_bias=bn.bias,
+                bn_running_mean=bn.running_mean if use_buffers else None,
+                bn_running_var=bn.running_var if use_buffers else None,
+                bn_training=training, bn_momentum=factor, bn_eps=bn.eps)
+
+
+def _cbam(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+          conv_weight: Tensor, conv_bias: Optional[Tensor], bn: nn.Module, config: dict) -> Tensor:
+    """CBAM's forward once the submodules are picked: the input check, BatchNorm's logic, the autocast
+    casts (of the fused op's weights, not of the BatchNorm state, which the op takes in any float
+    dtype) and the fused op, with autocast off inside it. A module-level function so that torch.fx
+    records it as one call (``torch.fx.wrap`` below): symbolic tracing sees Proxies, not tensors, and
+    the checks and BatchNorm's bookkeeping run when the graph runs."""
+    check_input("CBAM", "x", x, fc1_weight, ndims=(4,), legend="(N, C, H, W)", channels=fc1_weight.shape[1])
+    weights = [cast_for_autocast(w, x) for w in (fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias)]
+    bn_arguments = _bn_arguments(bn)
+    with autocast_off(x):
+        return functional.cbam(x, *weights, **config, **bn_arguments)
+
+
+torch.fx.wrap("_cbam")
 
 
 class _ChannelAttn(nn.Module):
@@ -90,29 +125,12 @@ class CBAM(nn.Module):
     def _bn_arguments(self) -> dict:
         """BatchNorm2d's forward logic, as arguments of attn_fast.cbam (and its side effect on
         num_batches_tracked)."""
-        bn = self.spatial.conv.bn
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
-        training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        use_buffers = not bn.training or bn.track_running_stats
-        return dict(bn_weight=bn.weight, bn_bias=bn.bias,
-                    bn_running_mean=bn.running_mean if use_buffers else None,
-                    bn_running_var=bn.running_var if use_buffers else None,
-                    bn_training=training, bn_momentum=factor, bn_eps=bn.eps)
+        return _bn_arguments(self.spatial.conv.bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        ch, conv = self.channel, self.spatial.conv.conv
-        check_input("CBAM", "x", x, ch.fc1.weight, ndims=(4,), legend="(N, C, H, W)", channels=ch.fc1.weight.shape[1])
-        bn = self._bn_arguments()
-        for key in ("bn_weight", "bn_bias"):
-            bn[key] = cast_for_autocast(bn[key], x)
-        return functional.cbam(
-            x, cast_for_autocast(ch.fc1.weight, x), cast_for_autocast(ch.fc2.weight, x),
-            cast_for_autocast(conv.weight, x), cast_for_autocast(ch.fc1.bias, x), cast_for_autocast(ch.fc2.bias, x),
-            cast_for_autocast(conv.bias, x), **self._config(), **bn)
+        ch, sp = self.channel, self.spatial
+        return _cbam(x, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, sp.conv.conv.weight,
+                     sp.conv.conv.bias, sp.conv.bn, self._config())
 
     def extra_repr(self) -> str:
         cfg = self._config()

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import torch.fx
 from torch import Tensor, nn
 
 from .. import functional
-from .._validate import check_finite_float, check_positive_int
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, cast_for_autocast, check_input,
-                      check_pointwise_conv, gate_name, make_activation, make_divisible)
+from .._validate import InputError, check_finite_float, check_positive_int
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_off, cast_for_autocast,
+                      check_input, check_pointwise_conv, gate_name, make_activation, make_divisible)
 
 __all__ = ["SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule"]
 
@@ -40,6 +41,30 @@ def _original_forward(m: nn.Module, module_path: str, qualname: str) -> None:
                 raise UnsupportedLayerError(f"{type(m).__qualname__} overrides {qualname}.forward")
             return
     raise UnsupportedLayerError(f"expected a {module_path}.{qualname}, got {type(m).__qualname__}")
+
+
+def _squeeze_excite(owner: str, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                    fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], norm: Optional[nn.Module],
+                    activation: str, gate: str, pool: str) -> Tensor:
+    """The SE modules' forward once the submodules are picked: the input checks, the autocast casts and
+    the fused op. A module-level function so that torch.fx records it as one call (``torch.fx.wrap``
+    below): symbolic tracing sees Proxies, not tensors, and the checks run when the graph runs."""
+    check_input(owner, "x", x, fc1_weight, ndims=(4,), legend="(N, C, H, W)", channels=fc1_weight.shape[1])
+    weights = [cast_for_autocast(w, x) for w in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+    with autocast_off(x):
+        return functional.squeeze_excite(x, *weights, activation=activation, gate=gate, pool=pool, norm=norm)
+
+
+def _efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
+    """EcaModule's forward (one torch.fx call, as ``_squeeze_excite``)."""
+    check_input("EcaModule", "x", x, conv_weight, ndims=(4,), legend="(N, C, H, W)")
+    conv_weight = cast_for_autocast(conv_weight, x)
+    with autocast_off(x):
+        return functional.efficient_channel_attention(x, conv_weight, gate=gate)
+
+
+torch.fx.wrap("_squeeze_excite")
+torch.fx.wrap("_efficient_channel_attention")
 
 
 def _adopt(cls, m: nn.Module, **children: nn.Module):
@@ -67,13 +92,8 @@ class _SqueezeExciteBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2, norm = self._fcs()
         act, gate = self._names()
-        check_input(type(self).__name__, "x", x, fc1.weight, ndims=(4,), legend="(N, C, H, W)",
-                    channels=fc1.weight.shape[1])
-        return functional.squeeze_excite(
-            x, cast_for_autocast(fc1.weight, x), cast_for_autocast(fc1.bias, x),
-            None if fc2 is None else cast_for_autocast(fc2.weight, x),
-            None if fc2 is None else cast_for_autocast(fc2.bias, x),
-            activation=act, gate=gate, pool=self.pool, norm=norm)
+        return _squeeze_excite(type(self).__name__, x, fc1.weight, fc1.bias, None if fc2 is None else fc2.weight,
+                               None if fc2 is None else fc2.bias, norm, act, gate, self.pool)
 
     def extra_repr(self) -> str:
         act, gate = self._names()
@@ -235,7 +255,7 @@ class EfficientNetSqueezeExcite(_SqueezeExciteBase):
         if rd_channels is None:
             rd_channels = (rd_round_fn or round)(in_chs * rd_ratio)
             if isinstance(rd_channels, int) and rd_channels < 1:
-                raise ValueError(f"{fn}: rd_channels (in_chs * rd_ratio = {in_chs} * {rd_ratio}, rounded) must be "
+                raise InputError(f"{fn}: rd_channels (in_chs * rd_ratio = {in_chs} * {rd_ratio}, rounded) must be "
                                  f">= 1, got {rd_channels}; raise rd_ratio or pass rd_channels")
         check_positive_int(fn, "rd_channels", rd_channels)
         self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1, bias=True, **dd)
@@ -289,9 +309,7 @@ class EcaModule(nn.Module):
         return gate
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input("EcaModule", "x", x, self.conv.weight, ndims=(4,), legend="(N, C, H, W)")
-        return functional.efficient_channel_attention(x, cast_for_autocast(self.conv.weight, x),
-                                                      gate=self._gate_name())
+        return _efficient_channel_attention(x, self.conv.weight, self._gate_name())
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.conv.kernel_size[0]}, gate={self._gate_name()}"

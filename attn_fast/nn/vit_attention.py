@@ -9,16 +9,33 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.fx
 from torch import Tensor, nn
 
 from .. import functional
-from ._layers import UnsupportedLayerError, check_input
+from ._layers import UnsupportedLayerError, autocast_off, check_input, fx_traced
 from .squeeze_excite import _adopt, _original_forward
 
 __all__ = ["VitAttention"]
 
 #: The classes of timm's ViT attention across versions ("module", "qualname").
 TIMM_ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention"))
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+               scale: float) -> Tensor:
+    """The fused attention of VitAttention (a float mask in q's dtype, as the timm module's SDPA call
+    takes it; q, k, v come from the qkv projection, in the autocast dtype under autocast). A
+    module-level function so that torch.fx records it as one call (``torch.fx.wrap`` below); the rest
+    of the forward traces as timm's does."""
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)
+    with autocast_off(q):
+        return functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                       is_causal=is_causal, scale=scale)
+
+
+torch.fx.wrap("_attention")
 
 
 class VitAttention(nn.Module):
@@ -28,18 +45,15 @@ class VitAttention(nn.Module):
     scaled_dot_product_attention's convention: bool True = may attend, or an additive float mask)."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        check_input("VitAttention", "x", x, self.qkv.weight, ndims=(3,), legend="(B, N, C)",
-                    channels=self.qkv.in_features, dim=2, unit="features")
+        if not fx_traced(x):  # under torch.fx the checks of the recorded ops run instead
+            check_input("VitAttention", "x", x, self.qkv.weight, ndims=(3,), legend="(B, N, C)",
+                        channels=self.qkv.in_features, dim=2, unit="features")
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
-            attn_mask = attn_mask.to(q.dtype)
-        x = functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal,
-            scale=self.scale)
+        x = _attention(q, k, v, attn_mask, self.attn_drop.p if self.training else 0.0, is_causal, self.scale)
         x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         x = self.norm(x)
         if gate is not None:
