@@ -4,6 +4,9 @@
 * CPU tensors run the reference (the "CPU path"), unless Triton's interpreter is on
   (``TRITON_INTERPRET=1`` before triton is imported): then they run the same kernels, interpreted.
 * float64 always runs the reference; so does an op (or a configuration of one) that has no kernel yet.
+* So does a call under forward-mode AD (``torch.autograd.forward_ad`` dual tensors) or a ``torch.func``
+  transform (grad, vmap, jvp, jacrev, jacfwd, ...): the kernels' custom ops have reverse-mode autograd
+  only, and the reference is plain torch, which every transform supports (``autograd_unsupported``).
 * ``set_backend("reference")`` or ``ATTN_FAST_BACKEND=reference`` forces the reference everywhere;
   ``"triton"`` demands the kernels and raises where they cannot run; ``"auto"`` is the default.
 """
@@ -13,11 +16,13 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["BACKENDS", "OPS", "set_backend", "get_backend", "interpreter_enabled", "Route", "route"]
+__all__ = ["BACKENDS", "OPS", "set_backend", "get_backend", "interpreter_enabled", "autograd_unsupported", "Route",
+           "route"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "ATTN_FAST_BACKEND"
@@ -62,6 +67,41 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
+#: The reasons ``autograd_unsupported`` gives (the warning names them once per op).
+FUNC_TRANSFORMS = "torch.func transforms (grad, vmap, jvp, jacrev, jacfwd, ...)"
+FORWARD_AD = "forward-mode AD (torch.autograd.forward_ad dual tensors)"
+
+
+def _has_tangent(t: Optional[torch.Tensor]) -> bool:
+    return isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None
+
+
+def autograd_unsupported(tensors: Iterable[Optional[torch.Tensor]] = ()) -> Optional[str]:
+    """Why the kernels' custom ops cannot differentiate a call on ``tensors`` under the autograd
+    mode in force (None when they can). Their autograd is reverse mode only
+    (``register_autograd``): under forward-mode AD they would drop tangents (None or zeros), under a
+    ``torch.func`` transform torch refuses them; such a call runs the reference instead.
+
+    * any active ``torch.func`` transform (grad, vmap, jvp, jacrev, jacfwd, hessian,
+      functional_call under one of them): one TLS read, whatever the tensors;
+    * inside ``torch.autograd.forward_ad.dual_level()``, any of ``tensors`` that carries a tangent
+      (looked at only inside a dual level, so the ordinary call pays nothing).
+
+    Both checks stay on under torch.compile (skipping them there would drop tangents silently):
+    dynamo evaluates the transform check inside a compiled ``torch.func`` transform (the graph then
+    holds the reference), and it does not take dual tensors as graph inputs (it runs such a frame
+    eagerly, where the check sees them). A call traced inside a dual level takes the reference even
+    without tangents, since dynamo keeps no guard on tangents: a graph traced for plain tensors
+    could be reused for dual ones. An ordinary compiled call traces two constants (no transform, no
+    dual level) and keeps the kernels, without a graph break."""
+    if torch._C._are_functorch_transforms_active():
+        return FUNC_TRANSFORMS
+    if _forward_ad._current_level >= 0:
+        if torch.compiler.is_compiling() or any(_has_tangent(t) for t in tensors):
+            return FORWARD_AD
+    return None
+
+
 @dataclass(frozen=True)
 class Route:
     """The chosen path ("triton" or "reference") and why."""
@@ -80,12 +120,14 @@ def warn_once(key: str, message: str) -> None:
 
 
 def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Optional[str] = None,
-          *, warn: bool = True) -> Route:
+          *, warn: bool = True, tensors: Iterable[Optional[torch.Tensor]] = ()) -> Route:
     """Decide the path for ``op`` on tensors of ``device``/``dtype``.
 
     ``unsupported`` names a configuration the op's kernel does not cover (None if covered); such a
     call falls back to the reference with a one-time warning (unless ``warn=False``) when it would
-    otherwise run a kernel.
+    otherwise run a kernel. ``tensors`` are every tensor the call differentiates through (inputs and
+    parameters, None allowed): one under forward-mode AD, or any call under a ``torch.func``
+    transform, is unsupported as well (``autograd_unsupported``).
     """
     if op not in OPS:
         raise KeyError(f"unknown op {op!r}; known: {sorted(OPS)}")
@@ -104,6 +146,8 @@ def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Option
             "TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU")
     else:
         return Route("reference", f"{device.type} tensor: the CPU path runs the reference")
+    if unsupported is None:
+        unsupported = autograd_unsupported(tensors)
     if not OPS[op]:
         reason = f"no Triton kernel for {op} yet"
     elif unsupported is not None:

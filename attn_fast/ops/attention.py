@@ -65,8 +65,11 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, mask_grad,
       deterministic=False):
-    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # as the launcher: dq, dk, dv contiguous whatever the layout of q, k, v (not empty_like, which
+    # keeps a transposed view's strides); dmask only for a float mask, contiguous, in its dtype
+    mask_grad = mask_grad and mask is not None and mask.is_floating_point()
+    dmask = q.new_empty(mask.shape, dtype=mask.dtype) if mask_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,7 +110,7 @@ def dropout_keep_mask(seed: Tensor, shape: Tuple[int, int, int, int], dropout_p:
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: Optional[float],
                                  enable_gqa: bool, causal_alignment: str, deterministic: bool = False) -> Tensor:
-    path = route(OP, query.device, query.dtype)
+    path = route(OP, query.device, query.dtype, tensors=(query, key, value, attn_mask))
     if path.path == "reference":
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import route
 from ..reference import gate_fn
-from .squeeze_excite import _vjp, sample_too_large
+from .squeeze_excite import _vjp, empty_grad, empty_like_output, sample_too_large
 
 OP = "cbam"
 _aten = torch.ops.aten
@@ -126,7 +126,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_
     def f32(*shape):
         return x.new_empty(shape, dtype=torch.float32)
 
-    return (torch.empty_like(x), f32(n, c), f32(n, c), f32(rows, cr), f32(rows, cr), f32(n, c), f32(n, c),
+    return (empty_like_output(x), f32(n, c), f32(n, c), f32(rows, cr), f32(rows, cr), f32(n, c), f32(n, c),
             f32(n, hh * ww), f32(n, hh * ww), f32(n, hh * ww), f32(n, 1, hh, ww), f32(n, hh * ww),
             x.new_empty((3 if use_bn else 0,), dtype=torch.float64))
 
@@ -208,11 +208,8 @@ def cbam_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
 
 @cbam_bwd.register_fake
 def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_weight, bn_bias, *rest):
-    def like(t):
-        return x.new_empty((0,)) if t is None else torch.empty_like(t)
-
-    return (torch.empty_like(x),) + tuple(like(t) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight,
-                                                            conv_bias, bn_weight, bn_bias))
+    return (empty_like_output(x),) + tuple(empty_grad(t, x) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                                      conv_weight, conv_bias, bn_weight, bn_bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -240,7 +237,9 @@ def cbam(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, conv_weight: Tensor,
          spatial_order: str = "mean_max", bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
          bn_running_mean: Optional[Tensor] = None, bn_running_var: Optional[Tensor] = None,
          bn_training: bool = False, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> Tensor:
-    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x))
+    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x),
+                 tensors=(x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, bn_weight, bn_bias,
+                          bn_running_mean, bn_running_var))
     if path.path == "reference" or x.numel() == 0:
         return reference.cbam(
             x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation=activation, gate=gate,

@@ -8,6 +8,7 @@ derivatives torch defines for each activation and gate).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -35,6 +36,22 @@ def sample_too_large(x: Tensor) -> Optional[str]:
     return None
 
 
+def empty_like_output(x: Tensor) -> Tensor:
+    """An empty tensor laid out as the kernels lay out an output (or dx) of x's shape
+    (kernels.squeeze_excite.as_nc_hw): x's strides when x is NCHW- or channels_last-contiguous,
+    NCHW-contiguous for any other layout (a permuted, sliced or expanded x is copied to NCHW first).
+    The fake implementations use it: ``torch.empty_like`` would keep a permuted x's strides."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x)
+    return x.new_empty(x.shape)
+
+
+def empty_grad(t: Optional[Tensor], x: Tensor) -> Tensor:
+    """The fake of a parameter's gradient: contiguous in ``t``'s shape and dtype (the ops reshape a
+    fresh result), an empty (0,) tensor of x's dtype when the parameter is absent."""
+    return x.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+
 @torch.library.custom_op("attn_fast::se_fwd", mutates_args=())
 def se_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
            fc2_bias: Optional[Tensor], activation: str, gate: str,
@@ -54,10 +71,11 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool):
     n, c = x.shape[:2]
     cr = fc1_weight.shape[0]
     f32 = dict(dtype=torch.float32)
-    hidden = (n, cr) if fc2_weight is not None else (0,)
-    return (torch.empty_like(x), x.new_empty((n, c), **f32), x.new_empty((n, c) if pool == "avgmax" else (0,), **f32),
-            x.new_empty(hidden, **f32), x.new_empty(hidden, **f32), x.new_empty((n, c), **f32),
-            x.new_empty((n, c), **f32))
+    empty = x.numel() == 0  # the launcher runs no excitation then: pre1, h, pre2, s come back (0,)
+    hidden = (n, cr) if fc2_weight is not None and not empty else (0,)
+    rows = (0,) if empty else (n, c)
+    return (empty_like_output(x), x.new_empty((n, c), **f32), x.new_empty((n, c) if pool == "avgmax" else (0,), **f32),
+            x.new_empty(hidden, **f32), x.new_empty(hidden, **f32), x.new_empty(rows, **f32), x.new_empty(rows, **f32))
 
 
 @torch.library.custom_op("attn_fast::se_bwd", mutates_args=())
@@ -98,10 +116,8 @@ def se_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
 
 @se_bwd.register_fake
 def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, z, zmax, pre1, h, pre2, s, activation, gate, pool):
-    def like(t):
-        return x.new_empty((0,)) if t is None else torch.empty_like(t)
-
-    return torch.empty_like(x), torch.empty_like(fc1_weight), like(fc1_bias), like(fc2_weight), like(fc2_bias)
+    return (empty_like_output(x), empty_grad(fc1_weight, x), empty_grad(fc1_bias, x), empty_grad(fc2_weight, x),
+            empty_grad(fc2_bias, x))
 
 
 _aten = torch.ops.aten
@@ -159,7 +175,9 @@ def eca_fwd(x: Tensor, conv_weight: Tensor, gate: str) -> Tuple[Tensor, Tensor, 
 @eca_fwd.register_fake
 def _(x, conv_weight, gate):
     n, c = x.shape[:2]
-    return (torch.empty_like(x),) + tuple(x.new_empty((n, c), dtype=torch.float32) for _ in range(3))
+    rows = (0,) if x.numel() == 0 else (n, c)  # the launcher runs no conv on an empty x: pre, s come back (0,)
+    return (empty_like_output(x), x.new_empty((n, c), dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("attn_fast::eca_bwd", mutates_args=())
@@ -185,7 +203,7 @@ def eca_bwd(dy: Tensor, x: Tensor, conv_weight: Tensor, z: Tensor, pre: Tensor, 
 
 @eca_bwd.register_fake
 def _(dy, x, conv_weight, z, pre, s, gate):
-    return torch.empty_like(x), torch.empty_like(conv_weight)
+    return empty_like_output(x), empty_grad(conv_weight, x)
 
 
 def _eca_setup_context(ctx, inputs, output):
@@ -206,7 +224,7 @@ eca_fwd.register_autograd(_eca_backward, setup_context=_eca_setup_context)
 
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
-    path = route(ECA_OP, x.device, x.dtype, unsupported=sample_too_large(x))
+    path = route(ECA_OP, x.device, x.dtype, unsupported=sample_too_large(x), tensors=(x, conv_weight))
     if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.efficient_channel_attention(x, conv_weight, gate=gate)
     return eca_fwd(x, conv_weight, gate)[0]
@@ -255,7 +273,7 @@ def channel_pool_bwd(dz: Tensor, x: Tensor, zmax: Tensor, pool: str) -> Tensor:
 
 @channel_pool_bwd.register_fake
 def _(dz, x, zmax, pool):
-    return torch.empty_like(x)
+    return empty_like_output(x)
 
 
 def _pool_setup_context(ctx, inputs, output):
@@ -285,7 +303,7 @@ def channel_scale_op(x: Tensor, s: Tensor) -> Tensor:
 
 @channel_scale_op.register_fake
 def _(x, s):
-    return torch.empty_like(x)
+    return empty_like_output(x)
 
 
 @torch.library.custom_op("attn_fast::channel_scale_bwd", mutates_args=())
@@ -305,7 +323,7 @@ def channel_scale_bwd(dy: Tensor, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]
 
 @channel_scale_bwd.register_fake
 def _(dy, x, s):
-    return torch.empty_like(x), torch.empty_like(s)
+    return empty_like_output(x), x.new_empty(x.shape[:2], dtype=torch.float32)  # ds: (N, C) fp32, fresh
 
 
 def _scale_setup_context(ctx, inputs, output):
@@ -365,7 +383,11 @@ def _in_fp32(norm: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
                    fc2_bias: Optional[Tensor], activation: str, gate: str, pool: str,
                    norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x))
+    # the norm's parameters too (a BatchNorm in eval mode is folded into fc1); a lazy chain: read
+    # only inside a forward-AD dual level
+    norm_state = (norm.parameters(), norm.buffers()) if isinstance(norm, torch.nn.Module) else ()
+    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x),
+                 tensors=itertools.chain((x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), *norm_state))
     if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         activation=activation, gate=gate, pool=pool, norm=norm)
@@ -375,6 +397,9 @@ def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc
             z, _ = channel_pool_op(x, pool)
             f32 = [None if t is None else t.float() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
             s = excite(z, *f32, activation=activation, gate=gate, norm=_in_fp32(norm))
+            if route(OP, x.device, x.dtype, tensors=(s,)).path == "reference":
+                # a tangent reached s from the norm callable alone (forward-mode AD): scale in torch
+                return (x * s[:, :, None, None]).to(x.dtype)
             return channel_scale_op(x, s.contiguous())
         fc1_weight, fc1_bias = folded
     return se_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool)[0]
