@@ -28,8 +28,8 @@ import triton.language as tl
 
 from .aot import AOTCase, signature_of
 from .attention_fwd import (
-    _LOG2E, INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, needs_int64, with_dropout, dtype_class,
-    head_class,
+    INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, mask_log2, needs_int64, split_lse,
+    with_dropout, dtype_class, head_class,
     AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
 from .interpreter import bf16_rne, needs_bf16_rne
 from .tuning import bucket, pick
@@ -78,7 +78,7 @@ def _scores(q, kT, mask_ptrs, rows, cols, Lq, Lk, qk_scale, causal_offset,
     if MASK_KIND == 1:
         keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
     if MASK_KIND == 2:
-        s = s + tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * _LOG2E
+        s = s + mask_log2(tl.load(mask_ptrs, mask=keep, other=0.0))
     return tl.where(keep, s, float("-inf"))
 
 
@@ -91,7 +91,8 @@ def _scores(q, kT, mask_ptrs, rows, cols, Lq, Lk, qk_scale, causal_offset,
 # added atomically in fp32 (summed over the query rows first when the mask broadcasts along them).
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV,   # DK like K, DV like V (contiguous); Lse, Delta (B*Hq, Lq)
+    Q, K, V, Mask, DO, Lse, LseLo, Delta, DK, DV,   # DK like K, DV like V (contiguous); Lse, LseLo,
+                                                    # Delta (B*Hq, Lq) (LseLo: float masks only)
     DMask,                                   # fp32, the mask's own shape, viewed as (B, Hq, Lq, Lk)
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -161,7 +162,11 @@ def _attn_bwd_dkdv(
             delta = tl.load(Delta + off_bh * Lq + rows, mask=m_valid, other=0.0)
             s = _scores(q, kT, m_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn, rows, cols,
                         Lq, Lk, qk_scale, causal_offset, IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-            p = tl.math.exp2(s - lse[:, None])                       # (BLOCK_M, BLOCK_N)
+            if MASK_KIND == 2:  # lse's rounding residual (see attention_fwd)
+                lse_lo = tl.load(LseLo + off_bh * Lq + rows, mask=m_valid, other=0.0)
+                p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])
+            else:
+                p = tl.math.exp2(s - lse[:, None])                   # (BLOCK_M, BLOCK_N)
             dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)      # (BLOCK_M, BLOCK_N)
             p_v = p
             if HAS_DROPOUT:  # O used P * Z, Z = keep / (1 - p_drop): dV sees P * Z, dP is scaled by Z
@@ -200,7 +205,7 @@ def _attn_bwd_dkdv(
 # (and the exact delta, BLOCK_M fp32).
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Mask, DO, Lse, Delta, DQ,       # DQ like Q (contiguous)
+    Q, K, V, Mask, DO, Lse, LseLo, Delta, DQ,   # DQ like Q (contiguous); LseLo: float masks only
     DeltaOut,                                # EXACT_DELTA: the exact delta (B*Hq, Lq) fp32 for dK/dV
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -242,6 +247,9 @@ def _attn_bwd_dq(
         do = do.to(tl.float32)
     lse = tl.load(Lse + off_bh * Lq + rows, mask=m_valid, other=0.0)  # log2 units
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if MASK_KIND == 2:  # lse's rounding residual (see attention_fwd)
+        lse_lo = tl.load(LseLo + off_bh * Lq + rows, mask=m_valid, other=0.0)
     delta = tl.load(Delta + off_bh * Lq + rows, mask=m_valid, other=0.0)
     k_base = K + off_z * stride_kz + off_hk * stride_kh
     v_base = V + off_z * stride_vz + off_hk * stride_vh
@@ -266,7 +274,10 @@ def _attn_bwd_dq(
             vT = vT.to(tl.float32)
         s = _scores(q, kT, m_base + cols[None, :] * stride_mn, rows, cols, Lq, Lk, qk_scale, causal_offset,
                     IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        p = tl.math.exp2(s - lse[:, None])
+        if MASK_KIND == 2:
+            p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])
+        else:
+            p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             dp = tl.where(_dropout_keep(dropout_seed, off_bh, rows, cols, Lq, Lk, dropout_p), dp * dropout_scale, 0.0)
@@ -345,7 +356,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   dropout_seed: int = 0, mask_grad: bool = False, deterministic: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients (dq, dk, dv, dmask) of attention_fwd's output given dO; dq, dk, dv have the shapes
-    of q, k, v (contiguous). ``lse`` is the forward's (B, Hq, Lq) fp32 log-sum-exp in log2 units;
+    of q, k, v (contiguous). ``lse`` is the forward's fp32 log-sum-exp in log2 units ((B, Hq, Lq), or
+    (2, B, Hq, Lq) with its rounding residual for a float mask: see attention_fwd);
     ``mask`` as in attention_fwd. With ``mask_grad`` (a float mask), dmask is the gradient of the
     mask in its own shape and dtype (summed over its broadcast dimensions), else None.
 
@@ -375,6 +387,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             cands_q = list(dict.fromkeys(with_dropout(c) for c in cands_q))
 
     mask_kind, mask_arg, ms = mask_args(mask, q, lk)
+    lse_hi, lse_lo = split_lse(lse)
     grad_mode, dmask_arg, gs = _mask_grad_args(dmask, q, lk)
     full_dmask = None
     if deterministic and grad_mode in (MASK_GRAD_ATOMIC, MASK_GRAD_ROWSUM):
@@ -399,14 +412,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dkdv[(triton.cdiv(lk, bn), b * hk)](
-            q, k, v, mask_arg, do, lse, delta_out, dk, dv, dmask_arg, *strides, *dk.stride(), *dv.stride(), *gs,
+            q, k, v, mask_arg, do, lse_hi, lse_lo, delta_out, dk, dv, dmask_arg, *strides, *dk.stride(), *dv.stride(), *gs,
             h, hk, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, MASK_GRAD=grad_mode, **common)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dq[(triton.cdiv(lq, bm), b * h)](
-            q, k, v, mask_arg, do, lse, delta, dq, delta_out, *strides, *dq.stride(),
+            q, k, v, mask_arg, do, lse_hi, lse_lo, delta, dq, delta_out, *strides, *dq.stride(),
             h, h // hk, lq, lk, scale * LOG2E, scale, causal_offset, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, EXACT_DELTA=USE_EXACT_DELTA, **common)
 
@@ -456,7 +469,8 @@ def _aot_cases():
             causal, mask_kind, dropout, suffix = variant
             dot_m = bn if fn is _attn_bwd_dkdv else bm  # rows of the dots' output tiles
             t = f"*{tname}"
-            ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32"}
+            ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "LseLo": "*fp32",
+                    "Delta": "*fp32"}
             ptrs.update({o: t for o in outs})
             const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
                          MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",

@@ -19,6 +19,10 @@ from .tuning import bucket, pick
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
+#: The largest finite fp32; a finite mask value whose score in log2 units would overflow becomes its
+#: negative (see mask_log2).
+FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(FLT_MAX)
 
 #: Mask kinds (constexpr MASK_KIND).
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
@@ -32,6 +36,17 @@ def _dropout_keep(seed, off_bh, rows, cols, Lq, Lk, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def mask_log2(mv):
+    """A float mask tile in log2 units (fp32). A finite value below -FLT_MAX / log2(e) (about
+    -2.36e38; Hugging Face masks with torch.finfo(dtype).min) becomes -FLT_MAX instead of overflowing
+    to -inf: it hides its key, but a row hidden only by such values averages them, as in torch,
+    where -inf gives a dead row (zeros). NaN and -inf pass through."""
+    mv = mv.to(tl.float32)
+    m2 = mv * _LOG2E
+    return tl.where((m2 == float("-inf")) & (mv != float("-inf")), -_FLT_MAX, m2)
+
+
 # One program computes BLOCK_M query rows of one (batch, query head): it streams the key/value rows
 # of its kv head in BLOCK_N blocks (stopping at the causal diagonal), keeping a running max and
 # running sum per row (online softmax, base 2 with log2(e) folded into the scale).
@@ -39,9 +54,9 @@ def _dropout_keep(seed, off_bh, rows, cols, Lq, Lk, dropout_p):
 # the diagonal are skipped), the mask tile per block if any, O tile and LSE written once.
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Mask, Out, Lse,          # Q (B, Hq, Lq, E), K (B, Hk, Lk, E), V (B, Hk, Lk, Ev),
+    Q, K, V, Mask, Out, Lse, LseLo,   # Q (B, Hq, Lq, E), K (B, Hk, Lk, E), V (B, Hk, Lk, Ev),
                                       # Mask broadcast to (B, Hq, Lq, Lk) by strides, Out (B, Hq, Lq, Ev),
-                                      # Lse (B * Hq, Lq) fp32, log2 units (see attention_fwd)
+                                      # Lse, LseLo (B * Hq, Lq) fp32, log2 units (see attention_fwd)
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
@@ -106,8 +121,7 @@ def _attn_fwd(
             mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0)
             keep = keep & (mv != 0)
         if MASK_KIND == 2:
-            mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0.0)
-            s = s + mv.to(tl.float32) * _LOG2E
+            s = s + mask_log2(tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0.0))
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -135,6 +149,10 @@ def _attn_fwd(
         out = bf16_rne(out)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + off_bh * Lq + offs_m, lse, mask=m_valid)
+    if MASK_KIND == 2:  # what lse's rounding lost (all of log2(l) where a finfo.min mask makes |m| huge)
+        lse_lo = tl.where(alive, (tl.where(alive, m_i, 0.0) - tl.where(alive, lse, 0.0))
+                          + tl.math.log2(tl.where(alive, l_i, 1.0)), 0.0)
+        tl.store(LseLo + off_bh * Lq + offs_m, lse_lo, mask=m_valid)
 
 
 def pad_head(e: int) -> int:
@@ -240,6 +258,17 @@ def mask_args(mask: Optional[torch.Tensor], q: torch.Tensor,
     return FLOAT_MASK, mask, mask.stride()
 
 
+def lse_shape(b: int, h: int, lq: int, float_mask: bool) -> Tuple[int, ...]:
+    """The shape of the forward's log-sum-exp output (see attention_fwd)."""
+    return (2, b, h, lq) if float_mask else (b, h, lq)
+
+
+def split_lse(lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, rounding residual) of the forward's lse; without a float mask there is no
+    residual and the log-sum-exp stands in as the (unread) pointer."""
+    return (lse[0], lse[1]) if lse.dim() == 4 else (lse, lse)
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   scale: float, is_causal: bool, causal_offset: int, allow_tf32: bool = False,
                   dropout_p: float = 0.0, dropout_seed: int = 0,
@@ -252,14 +281,18 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     Returns out (B, Hq, Lq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) fp32, the log-sum-exp of
     each row in log2 units (natural log-sum-exp * log2(e); -inf for fully-masked rows). Keeping base 2
     lets the backward recompute P = exp2(S * log2(e) - lse) with no rounding at the magnitude of the
-    scores, which matters when logits are large (|S| in the hundreds)."""
+    scores, which matters when logits are large (|S| in the hundreds). With a float mask lse is
+    (2, B, Hq, Lq): [0] the log-sum-exp, [1] what its rounding lost, so that P = exp2((S - lse[0]) -
+    lse[1]) stays exact for rows whose scores are near -FLT_MAX (a finfo.min mask), where the
+    rounding of lse[0] swallows log2 of the row sum."""
     b, h, lq, e = q.shape
     hk, lk, ev = k.shape[1], k.shape[2], v.shape[3]
+    mask_kind, mask_arg, ms = mask_args(mask, q, lk)
     out = torch.empty((b, h, lq, ev), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    lse = torch.empty(lse_shape(b, h, lq, mask_kind == FLOAT_MASK), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    mask_kind, mask_arg, ms = mask_args(mask, q, lk)
+    lse_hi, lse_lo = split_lse(lse)
     pad_e, pad_ev = pad_head(e), pad_head(ev)
     flags = dict(HEAD_DIM=e, HEAD_DIM_V=ev, PAD_E=pad_e, PAD_EV=pad_ev,
                  IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0.0,
@@ -270,7 +303,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     def launch(cfg):
         block_m, block_n, warps, stages = cfg
         _attn_fwd[(triton.cdiv(lq, block_m), b * h)](
-            q, k, v, mask_arg, out, lse,
+            q, k, v, mask_arg, out, lse_hi, lse_lo,
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             h, h // hk, lq, lk, scale * LOG2E, causal_offset,
             dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed,
@@ -355,7 +388,8 @@ def _aot_cases():
     for dtype, tname, e, (bm, bn, w, st), variant, first, caps in aot_matrix(FWD_CONFIGS):
         causal, mask_kind, dropout, suffix = variant
         t = f"*{tname}"
-        sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"},
+        sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32",
+                                       "LseLo": "*fp32"},
                            floats=("qk_scale", "dropout_p", "dropout_scale"))
         const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
                      MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",

@@ -194,3 +194,32 @@ def test_numpy_scalars():
     with pytest.raises(TypeError):
         F.scaled_dot_product_attention(q, k, v, is_causal=np.bool_(True))
 
+
+# ---------------------------------------------------------------- item 2: finfo.min masks
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_finfo_min_mask(dtype, causal, backend):
+    """Hugging Face masks with torch.finfo(dtype).min: a key hidden by it gets no weight, and a row
+    hidden only by it averages its keys as in torch (not a dead row of zeros, which only -inf makes);
+    the gradients too (the backward's log-sum-exp keeps what its rounding loses at -3.4e38)."""
+    lq, lk = 6, 9
+    low = torch.finfo(dtype).min
+    mask = rand(2, 1, lq, lk, dtype=dtype)
+    mask[0, 0, 1, :] = low                      # a whole row
+    mask[0, 0, 2, :4] = low                     # part of a row
+    mask[1, 0, 3, :] = float("-inf")            # a dead row
+    mask[1, 0, 4, :5] = low
+    mask[1, 0, 4, 5:] = -2.0e38 if dtype != torch.float16 else -6.0e4  # below log2(e)'s overflow point
+    mask[1, 0, 5, ::2] = float("-inf")
+    mask[1, 0, 5, 1::2] = low
+    mask.requires_grad_()
+    inputs = _grad_inputs([(2, 2, lq, 16), (2, 2, lk, 16), (2, 2, lk, 16)], dtype, "cpu") + [mask]
+    out = _check(lambda q, k, v, m: attn_fast.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal),
+                 lambda q, k, v, m: reference.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal),
+                 inputs, dtype)
+    assert torch.equal(out[1, :, 3], torch.zeros_like(out[1, :, 3]))     # -inf: a dead row
+    if dtype == torch.float32:  # the scores vanish next to -3.4e38: the row is the mean of its keys
+        v = inputs[2].detach()
+        visible = 2 if causal else lk
+        torch.testing.assert_close(out[0, :, 1], v[0, :, :visible].mean(1), atol=1e-6, rtol=1e-5)

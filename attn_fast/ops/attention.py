@@ -25,7 +25,8 @@ def _seed(seed: Optional[Tensor]) -> int:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                   causal_offset: int, allow_tf32: bool, dropout_p: float,
                   seed: Optional[Tensor], deterministic: bool = False) -> Tuple[Tensor, Tensor]:
-    """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq) fp32 in log2 units) from the Triton forward. ``seed`` is a
+    """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq) fp32 in log2 units; (2, B, Hq, Lq) with its rounding
+    residual for a float mask, see kernels.attention_fwd) from the Triton forward. ``seed`` is a
     one-element int64 tensor (the Philox seed of dropout), None without dropout. ``deterministic``
     (also for the backward of this call) fixes the tile configs and avoids atomics."""
     from ..kernels.interpreter import kernel_section
@@ -40,7 +41,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
 @attention_fwd.register_fake
 def _(q, k, v, mask, scale, is_causal, causal_offset, allow_tf32, dropout_p, seed, deterministic=False):
     b, h, lq, _ = q.shape
-    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, lq), dtype=torch.float32)
+    # lse with its rounding residual for a float mask: (2, B, Hq, Lq) (kernels.attention_fwd)
+    lse = (2, b, h, lq) if mask is not None and mask.is_floating_point() else (b, h, lq)
+    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty(lse, dtype=torch.float32)
 
 
 @torch.library.custom_op("attn_fast::attention_bwd", mutates_args=())
