@@ -1,6 +1,5 @@
 """Packaging: setup.py maps kernels/ -> attn_fast.kernels and reference/ -> attn_fast.reference, both in a
 built wheel and in an installed copy imported from outside the checkout."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +13,16 @@ IMPORT_ALL = ("import attn_fast, attn_fast.kernels, attn_fast.kernels.aot, attn_
 
 
 def _has_build_tools():
-    return importlib.util.find_spec("setuptools") is not None and importlib.util.find_spec("pip") is not None
+    # by their metadata, not importlib.util.find_spec: setuptools' distutils hook takes a lookup of
+    # "pip" for pip running, and then leaves stdlib distutils to the process, which breaks
+    # torch.utils.cpp_extension (inductor's CPU compiles) in the tests after this one
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("setuptools"), version("pip")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from attn_fast import nn as fnn
 from attn_fast.dispatch import interpreter_enabled
 from attn_fast.nn import multihead_attention as mha_module
 from numerics import assert_close
+from test_se_modules import randomize
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -40,15 +41,6 @@ def backend(request):
         pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1")
     attn_fast.set_backend(request.param)  # conftest's fixture restores the default afterwards
     return request.param
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial parameters and BatchNorm statistics (a fresh layer's zeros and ones hide mistakes)."""
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else torch.randn_like(t) * 0.5)
-    return module
 
 
 def no_fallback():
