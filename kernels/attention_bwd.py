@@ -306,7 +306,9 @@ def _attn_bwd_dq(
 #: wgmma): its two fp32 accumulators spill otherwise. The 16-bit dQ tiles hold two fp32 accumulators
 #: too (dQ and the exact delta's B), hence 16 keys per block at head size 128 and 16 rows at 256;
 #: fp32 dQ tiles are 16 x 16 (32-row ones spilled); at head size 64 on sm_90, 64 x 32 with 4 warps
-#: spilled 88 B in the bf16 causal float-mask variant and was dropped.
+#: spilled 88 B in the bf16 causal float-mask variant and was dropped, and so was 64 x 64 with 8 warps
+#: (12 B) once the float-mask variants read the log-sum-exp's residual; sm_80 fp32 dK/dV at head size
+#: 128 takes 8 warps for the same reason (4 warps spilled 8 B with dropout, 8 warps use 80 registers).
 #: Not yet timed on a GPU.
 DKDV_CONFIGS = {
     90: {"16bit": {64: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
@@ -319,11 +321,11 @@ DKDV_CONFIGS = {
                    128: [(32, 64, 8, 2), (16, 64, 8, 2)],
                    256: [(16, 32, 8, 1)]},
          "fp32": {64: [(32, 32, 4, 1)],
-                  128: [(16, 16, 4, 1)],
+                  128: [(16, 16, 8, 1)],
                   256: [(16, 16, 4, 1)]}},
 }
 DQ_CONFIGS = {
-    90: {"16bit": {64: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    90: {"16bit": {64: [(64, 32, 8, 2), (128, 32, 8, 2)],
                    128: [(64, 16, 8, 2)],
                    256: [(16, 16, 8, 1)]},
          "fp32": {64: [(16, 16, 8, 1)],
