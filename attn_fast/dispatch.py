@@ -1,14 +1,18 @@
 """Which path runs an op: the Triton kernels or the PyTorch reference (DESIGN.md section 3).
 
 * CUDA tensors run the Triton kernels.
-* CPU tensors run the reference (the "CPU path"), unless Triton's interpreter is on
-  (``TRITON_INTERPRET=1`` before triton is imported): then they run the same kernels, interpreted.
+* CPU tensors run the "CPU path": the fastest correct CPU implementation of the op (``CPU_PATHS``;
+  for attention torch's fused CPU kernels, ops/attention_cpu.py), else the reference. With Triton's
+  interpreter on (``TRITON_INTERPRET=1`` before triton is imported) they run the same kernels,
+  interpreted, unless ``set_backend("cpu")`` asks for the CPU path.
 * float64 always runs the reference; so does an op (or a configuration of one) that has no kernel yet.
 * So does a call under forward-mode AD (``torch.autograd.forward_ad`` dual tensors) or a ``torch.func``
   transform (grad, vmap, jvp, jacrev, jacfwd, ...): the kernels' custom ops have reverse-mode autograd
   only, and the reference is plain torch, which every transform supports (``autograd_unsupported``).
 * ``set_backend("reference")`` or ``ATTN_FAST_BACKEND=reference`` forces the reference everywhere;
-  ``"triton"`` demands the kernels and raises where they cannot run; ``"auto"`` is the default.
+  ``"triton"`` demands the kernels and raises where they cannot run; ``"cpu"`` sends CPU tensors to
+  the CPU path even under the interpreter (CUDA tensors still run the kernels); ``"auto"`` is the
+  default.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch.autograd.forward_ad as _forward_ad
 __all__ = ["BACKENDS", "OPS", "set_backend", "get_backend", "interpreter_enabled", "autograd_unsupported", "Route",
            "route"]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 ENV_VAR = "ATTN_FAST_BACKEND"
 
 #: Every public op, and whether a Triton kernel is wired behind it. A kernel issue flips its entry when
@@ -34,6 +38,14 @@ OPS: Dict[str, bool] = {
     "squeeze_excite": True,
     "efficient_channel_attention": True,
     "cbam": True,
+}
+
+#: The ops whose CPU path is an implementation of its own (not the reference).
+CPU_PATHS: Dict[str, bool] = {
+    "scaled_dot_product_attention": True,
+    "squeeze_excite": False,
+    "efficient_channel_attention": False,
+    "cbam": False,
 }
 
 _lock = threading.Lock()
@@ -48,7 +60,7 @@ def _check_backend(name: str, source: str) -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a path for every op: "auto" (default), "triton" or "reference".
+    """Force a path for every op: "auto" (default), "triton", "cpu" or "reference".
     ``None`` clears the override, so ``ATTN_FAST_BACKEND`` (or "auto") applies again."""
     global _backend_override
     _backend_override = None if name is None else _check_backend(name, "backend")
@@ -104,7 +116,7 @@ def autograd_unsupported(tensors: Iterable[Optional[torch.Tensor]] = ()) -> Opti
 
 @dataclass(frozen=True)
 class Route:
-    """The chosen path ("triton" or "reference") and why."""
+    """The chosen path ("triton", "cpu" or "reference") and why."""
 
     path: str
     reason: str
@@ -138,14 +150,19 @@ def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Option
         return Route("reference", "float64 runs the reference")
     if device.type == "cuda":
         where = "CUDA tensor"
-    elif device.type == "cpu" and interpreter_enabled():
+    elif device.type == "cpu" and interpreter_enabled() and backend != "cpu":
         where = "CPU tensor under the Triton interpreter"
     elif backend == "triton":
         raise RuntimeError(
             f"{op}: backend 'triton' cannot run {device.type} tensors: use CUDA tensors, or set "
             "TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU")
     else:
-        return Route("reference", f"{device.type} tensor: the CPU path runs the reference")
+        if not CPU_PATHS[op]:
+            return Route("reference", f"{device.type} tensor: the CPU path of {op} is the reference")
+        transform = autograd_unsupported(tensors)  # torch's fused CPU kernels have no forward-mode AD
+        if transform is not None:
+            return Route("reference", f"{device.type} tensor under {transform}: the reference")
+        return Route("cpu", f"{device.type} tensor: the CPU path (torch's fused CPU kernels)")
     if unsupported is None:
         unsupported = autograd_unsupported(tensors)
     if not OPS[op]:

@@ -224,6 +224,31 @@ def test_route_rules(monkeypatch):
         dispatch.route("nope", cpu, torch.float32)
 
 
+def test_route_to_the_cpu_path(monkeypatch):
+    """CPU tensors take the CPU path: attention's own (torch's fused CPU kernels), the reference for
+    the ops without one; set_backend("cpu") asks for it under the interpreter too, and forward-mode
+    AD / torch.func transforms take the reference (torch's fused CPU kernels have no forward AD)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    sdpa = "scaled_dot_product_attention"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dispatch.route(sdpa, cpu, torch.float32).path == "cpu"
+    assert dispatch.route(sdpa, cpu, torch.float64).path == "reference"
+    assert dispatch.route("squeeze_excite", cpu, torch.float32).path == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.route(sdpa, cpu, torch.float32).path == "triton"
+    attn_fast.set_backend("cpu")
+    assert dispatch.route(sdpa, cpu, torch.bfloat16).path == "cpu"
+    assert dispatch.route("cbam", cpu, torch.float32).path == "reference"
+    assert dispatch.route(sdpa, cuda, torch.float16).path == "triton"
+    q = torch.randn(1, 1, 3, 4)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(q, torch.ones_like(q))
+        assert dispatch.route(sdpa, cpu, torch.float32, tensors=(dual,)).path == "reference"
+    monkeypatch.setenv("ATTN_FAST_BACKEND", "cpu")
+    attn_fast.set_backend(None)
+    assert attn_fast.get_backend() == "cpu"
+
+
 def test_missing_kernel_warns_once(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setitem(dispatch.OPS, "squeeze_excite", False)

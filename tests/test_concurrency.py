@@ -40,7 +40,7 @@ def channel_job(i: int):
     return y.detach(), x.grad, w1.grad, w2.grad
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["kernels", "cpu_path"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"], ids=["kernels", "reference", "cpu_path"])
 @pytest.mark.parametrize("job", [attention_job, channel_job], ids=["attention", "se_cbam"])
 def test_threads_give_the_serial_results(job, backend):
     attn_fast.set_backend(backend)

@@ -1,5 +1,6 @@
-"""Edge cases of every op, on the kernel path (the Triton kernels; interpreted on the CPU here) and on
-the CPU path (the PyTorch reference, ``set_backend("reference")``): empty and size-1 dimensions, very
+"""Edge cases of every op, on the kernel path (the Triton kernels; interpreted on the CPU here), on
+the reference path (the PyTorch reference, ``set_backend("reference")``) and on the CPU path
+(``set_backend("cpu")``: torch's fused CPU kernels for attention, the reference for the rest): empty and size-1 dimensions, very
 large logits, NaN/Inf inputs, fully-masked rows, -inf mask entries, non-contiguous, expanded and
 overlapping inputs, and element offsets beyond 2**31.
 
@@ -43,7 +44,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
-KERNEL, CPU = "kernel", "cpu"
+KERNEL, CPU, CPU_PATH = "kernel", "cpu", "cpu_path"  # CPU: the reference backend
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 SDPA_GRADS = ("query", "key", "value")
 INF, NAN = float("inf"), float("nan")
@@ -118,16 +119,19 @@ class Path:
             if forward and backward:
                 assert self.launches.get(bwd_kernel, 0) > 0, f"{bwd_kernel} never ran: {self.launches}"
         else:
-            assert r.path == "reference", r.reason
+            want = "cpu" if self.name == CPU_PATH and dispatch.CPU_PATHS[name] else "reference"
+            assert r.path == want, r.reason
             assert not self.launches, f"the CPU path launched Triton kernels: {self.launches}"
 
 
-@pytest.fixture(params=[KERNEL, CPU])
+@pytest.fixture(params=[KERNEL, CPU, CPU_PATH])
 def path(request, launches, monkeypatch):
     """Each test runs on the kernel path (outputs the launchers allocate start as NaN, so an element
     a kernel never writes fails) and on the CPU path (the reference backend)."""
     if request.param == CPU:
         attn_fast.set_backend("reference")
+    elif request.param == CPU_PATH:
+        attn_fast.set_backend("cpu")
     else:
         poison_allocations(monkeypatch)
     return Path(request.param, launches)

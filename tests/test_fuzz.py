@@ -261,6 +261,19 @@ def test_fuzz_scaled_dot_product_attention(case):
     _run_sdpa_case(case)
 
 
+@settings(max_examples=ATTENTION_WEIGHT * EXAMPLES)
+@given(case=sdpa_cases())
+def test_fuzz_scaled_dot_product_attention_cpu_path(case):
+    """The same draws on the CPU path (torch's fused CPU kernels, blocked where ours extend torch's)."""
+    attn_fast.set_backend("cpu")
+    try:
+        r = dispatch.route("scaled_dot_product_attention", torch.device("cpu"), DTYPES[case["dtype"]], warn=False)
+        assert r.path == "cpu", r.reason
+        _run_sdpa_case(case)
+    finally:
+        attn_fast.set_backend(None)
+
+
 # Regression (library bug found by the fuzz profile, fixed): in bf16 the kernels' dQ and dK were exactly
 # the correctly rounded gradients computed with delta = rowsum(dO * O) taken from the output rounded to
 # bf16 (FlashAttention's delta), not from the exact output, and that error alone exceeded twice the

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import route
+from . import attention_cpu
 
 OP = "scaled_dot_product_attention"
 
@@ -114,6 +115,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float, is_causal: bool, scale: Optional[float],
                                  enable_gqa: bool, causal_alignment: str, deterministic: bool = False) -> Tensor:
     path = route(OP, query.device, query.dtype, tensors=(query, key, value, attn_mask))
+    if path.path == "cpu":
+        return attention_cpu.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                          enable_gqa, causal_alignment)
     if path.path == "reference":
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -240,7 +240,7 @@ def cbam(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, conv_weight: Tensor,
     path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x),
                  tensors=(x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, bn_weight, bn_bias,
                           bn_running_mean, bn_running_var))
-    if path.path == "reference" or x.numel() == 0:
+    if path.path != "triton" or x.numel() == 0:
         return reference.cbam(
             x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation=activation, gate=gate,
             channel_gate=channel_gate, light=light, spatial_order=spatial_order, bn_weight=bn_weight,

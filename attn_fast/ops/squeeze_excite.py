@@ -225,7 +225,7 @@ eca_fwd.register_autograd(_eca_backward, setup_context=_eca_setup_context)
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
     path = route(ECA_OP, x.device, x.dtype, unsupported=sample_too_large(x), tensors=(x, conv_weight))
-    if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
+    if path.path != "triton" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.efficient_channel_attention(x, conv_weight, gate=gate)
     return eca_fwd(x, conv_weight, gate)[0]
 
@@ -388,7 +388,7 @@ def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc
     norm_state = (norm.parameters(), norm.buffers()) if isinstance(norm, torch.nn.Module) else ()
     path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x),
                  tensors=itertools.chain((x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), *norm_state))
-    if path.path == "reference" or x.numel() == 0:  # nothing to compute (an empty batch or map)
+    if path.path != "triton" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         activation=activation, gate=gate, pool=pool, norm=norm)
     if norm is not None and fc2_weight is not None:
@@ -397,7 +397,7 @@ def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc
             z, _ = channel_pool_op(x, pool)
             f32 = [None if t is None else t.float() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
             s = excite(z, *f32, activation=activation, gate=gate, norm=_in_fp32(norm))
-            if route(OP, x.device, x.dtype, tensors=(s,)).path == "reference":
+            if route(OP, x.device, x.dtype, tensors=(s,)).path != "triton":
                 # a tangent reached s from the norm callable alone (forward-mode AD): scale in torch
                 return (x * s[:, :, None, None]).to(x.dtype)
             return channel_scale_op(x, s.contiguous())
