@@ -106,16 +106,21 @@ def bench_case(case: C.Case, dtype_name: str, direction: str, impl_names: List[s
         base = dict(family=case.family, op=case.op, case=case.label, dtype=dtype_name, direction=direction)
         return [_error_row(dict(base, impl=n), e) for n in impl_names]
     work = C.work(case, dtype, direction) or {}
+    timings = _interleaved(case, inputs, direction, impl_names) if device.type != "cuda" else {}
     for name in impl_names:
         base = dict(family=case.family, op=case.op, case=case.label, series=case.series, x=case.x,
                     source=case.source, params=case.params, dtype=dtype_name, direction=direction, impl=name, **work)
         try:
+            if isinstance(timings.get(name), BaseException):
+                raise timings[name]
             prep = I.prepare(name, case, inputs)
             fn = M.directed(prep, direction)
             fn()  # warm-up: compiles, autotunes
             peak = M.peak_memory(fn, device)
-            t = M.time_call(fn, device, prep.leaves, rep_ms=rep_ms)
+            t = timings[name] if name in timings else M.time_call(fn, device, prep.leaves, rep_ms=rep_ms)
             row = dict(base, status="ok", ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, peak_bytes=peak)
+            if t.noisy:
+                row["noisy"] = True
             if name == I.OURS and check:
                 out = prep.call() if direction == "fwd" else None
                 if out is not None:
@@ -130,6 +135,24 @@ def bench_case(case: C.Case, dtype_name: str, direction: str, impl_names: List[s
         _free(device)
         progress.step(_describe(row))
     return rows
+
+
+def _interleaved(case: C.Case, inputs, direction: str, impl_names: List[str]) -> Dict[str, Any]:
+    """CPU: every implementation of one row timed in turn, round after round (measure.time_interleaved),
+    so a load on the machine falls on all of them alike; an implementation that cannot run maps to
+    its exception (its row says why)."""
+    fns, leaves, out = {}, {}, {}
+    for name in impl_names:
+        try:
+            prep = I.prepare(name, case, inputs)
+            fn = M.directed(prep, direction)
+            fn()  # warm-up
+            fns[name], leaves[name] = fn, prep.leaves
+        except Exception as e:  # noqa: BLE001 - reported on the row
+            out[name] = e
+    if fns:
+        out.update(M.time_interleaved(fns, leaves))
+    return out
 
 
 def _public(case: C.Case):
@@ -213,8 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"attn_fast {env['attn_fast']} | torch {env['torch']} | triton {env['triton']} | {env['device_name']}"
           f" | mode {mode}", file=sys.stderr)
     if device.type != "cuda":
-        print("No GPU here: this run times the CPU path (the PyTorch reference) against torch's own CPU "
-              "ops on small shapes and checks the Triton kernels under the interpreter. GPU figures need "
+        print("No GPU here: this run times the CPU path (torch's fused CPU attention; the PyTorch reference "
+              "for SE, ECA and CBAM) against torch's own CPU ops on small shapes and checks the Triton kernels under the interpreter. GPU figures need "
               "a GPU: run bench/gpu.sh on a GPU machine.", file=sys.stderr)
 
     work = []
@@ -245,6 +268,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         checked.add(key)
         rows += bench_case(case, dtype_name, direction, names, device, args.rep_ms, progress, do_check)
     rows += bench_models(model_cases, dtypes, device, args.rep_ms, model_impls, progress)
+    # measured again at the end: the peaks are the best of both (a machine loaded at the start must not
+    # make the rows' percentages of them look better than the hardware allows)
+    peaks = M.best_roofline(peaks, M.roofline(device))
     checks = {(r["case"], r["dtype"]): r["check"] for r in rows if r.get("check")}
     for r in rows:
         report.add_throughput(r, peaks)

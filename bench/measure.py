@@ -5,8 +5,11 @@
   Peak memory: the most bytes the caching allocator held during one call beyond what was held
   before it (inputs, weights and, for ``bwd``, the saved graph are not counted; outputs and
   workspaces are).
-* CPU: ``time.perf_counter`` around single calls (median of at least ``min_calls``, or as many as fit
-  in ``budget_s``). Peak memory is not measured on the CPU (``None``).
+* CPU: ``time.perf_counter`` around single calls, the implementations of one row interleaved (A B C A
+  B C ..., ``time_interleaved``) so that a load on the machine hits them alike: medians of at least
+  ``min_calls`` rounds, or as many as fit in the budget, with the 20th/80th percentiles; a row whose
+  p80 / p20 passes NOISY_SPREAD is flagged ``noisy``. Peak memory: the most bytes that tensors made
+  by aten ops during one call held at once (``PeakLive``; buffers inside a fused kernel are not seen).
 
 Directions: ``fwd`` times the forward on inputs that need no gradient (inference); ``bwd`` times
 ``out.backward(dout, retain_graph=True)`` on a graph built once; ``fwd+bwd`` times both.
@@ -15,17 +18,24 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from attn_fast import reference
 from attn_fast.numerics import compare
 
 from .cases import Case
 from .impls import Prepared
+
+
+#: p80 / p20 of a row's CPU calls beyond which its timing is flagged noisy.
+NOISY_SPREAD = 1.25
 
 
 @dataclass
@@ -35,6 +45,15 @@ class Timing:
     ms_p80: float
     calls: int
     best: float
+
+    @property
+    def noisy(self) -> bool:
+        return self.calls > 1 and self.ms_p80 > NOISY_SPREAD * self.ms_p20
+
+
+def _timing(times: List[float]) -> Timing:
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], len(times), min(times))
 
 
 def _sync(device: torch.device) -> None:
@@ -60,14 +79,58 @@ def time_call(fn: Callable[[], object], device: torch.device, leaves: Sequence[T
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return Timing(statistics.median(times), q[0], q[3], len(times), min(times))
+    return _timing(times)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], leaves: Dict[str, Sequence[Tensor]], *,
+                     min_calls: int = 5, budget_s: float = 1.0) -> Dict[str, Timing]:
+    """CPU: one call of each of ``fns`` per round, in turn, for at least ``min_calls`` rounds or as many
+    as fit in ``budget_s`` (gradients of each one's ``leaves`` reset before its calls)."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_calls or (time.perf_counter() - start < budget_s and rounds < 1000):
+        for name, fn in fns.items():
+            for t in leaves.get(name, ()):
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: _timing(ts) for name, ts in times.items()}
+
+
+class PeakLive(TorchDispatchMode):
+    """The most bytes that tensors made by aten ops held at once while the mode was on: an op's
+    output with fresh storage counts from its creation until that tensor is freed (a view that
+    outlives its base is not followed). Buffers inside one op (a fused kernel's scratch) are not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+                nbytes = t.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Bytes allocated at the peak of one call of ``fn`` beyond those held before it (CUDA only)."""
+    """Bytes allocated at the peak of one call of ``fn`` beyond those held before it: the caching
+    allocator's count on a GPU, ``PeakLive`` on the CPU."""
     if device.type != "cuda":
-        return None
+        with PeakLive() as rec:
+            fn()
+        return rec.peak
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -106,6 +169,15 @@ def roofline(device: torch.device) -> Dict[str, float]:
     t_cp = time_call(lambda: dst.copy_(src), device, rep_ms=200, min_calls=10).best
     return {"matmul_flops": 2.0 * n ** 3 / (t_mm * 1e-3), "matmul": f"{n}x{n}x{n} {str(dtype)[6:]}",
             "copy_bytes_per_s": 2.0 * copy_bytes / (t_cp * 1e-3), "copy": f"{copy_bytes >> 20} MiB"}
+
+
+def best_roofline(*measured: Dict[str, float]) -> Dict[str, float]:
+    """The highest of several roofline measurements of one run, peak by peak."""
+    best = dict(measured[0])
+    for m in measured[1:]:
+        for key in ("matmul_flops", "copy_bytes_per_s"):
+            best[key] = max(best[key], m[key])
+    return best
 
 
 # ---------------------------------------------------------------------------------------- correctness

@@ -78,6 +78,11 @@ def _check_cell(check: Optional[Dict[str, Any]]) -> str:
     return f"{'yes' if ok else 'NO'} ({ratio:.2f} of bound)"
 
 
+def _ms(row: Dict[str, Any]) -> str:
+    """A row's median time; ``~`` marks a noisy one (its p80 / p20 beyond measure.NOISY_SPREAD)."""
+    return f"{row['ms']:.3g}{'~' if row.get('noisy') else ''}"
+
+
 def family_table(rows: List[Dict[str, Any]], family: str) -> str:
     """One line per (case, dtype, direction): attn_fast's time, throughput, % of roofline, peak memory,
     correctness, then each competitor's time and attn_fast's speed-up over it."""
@@ -94,7 +99,7 @@ def family_table(rows: List[Dict[str, Any]], family: str) -> str:
     for (case, dtype, direction), group in groups.items():
         ours = group.get(OURS, {})
         tp = ours.get("tflops") if unit == "TFLOP/s" else ours.get("gbps")
-        cells = [case, dtype, direction, _fmt(ours.get("ms")) if ours.get("ms") is not None else ours.get("status", "-"),
+        cells = [case, dtype, direction, _ms(ours) if ours.get("ms") is not None else ours.get("status", "-"),
                  _fmt(tp), _fmt(ours.get("pct_roofline"), ".1f"), _mib(ours.get("peak_bytes")),
                  _check_cell(ours.get("check"))]
         for i in impls:
@@ -105,7 +110,7 @@ def family_table(rows: List[Dict[str, Any]], family: str) -> str:
                 cells.append(r.get("status", "-"))
             else:
                 sp = r.get("attn_fast_speedup")
-                cells.append(f"{r['ms']:.3g} ({sp:.2f}x)" if sp is not None else f"{r['ms']:.3g}")
+                cells.append(f"{_ms(r)} ({sp:.2f}x)" if sp is not None else _ms(r))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,8 +154,13 @@ def markdown(run: Dict[str, Any]) -> str:
            f"{env['date']} · attn_fast {env['attn_fast']} ({env.get('git', '?')}) · torch {env['torch']} · "
            f"triton {env['triton']} · CUDA {env.get('cuda') or '-'} · mode {run['mode']}", ""]
     if env["device"] == "cpu":
-        out += ["**No GPU here: these rows time the CPU path (the PyTorch reference) against torch's own "
-                "CPU ops. GPU figures need a GPU: run `bench/gpu.sh` on a GPU machine.**", ""]
+        out += ["**No GPU here: these rows time the CPU path (torch's fused CPU kernels for attention, the "
+                "PyTorch reference for SE, ECA and CBAM) against torch's own CPU ops, each row's implementations "
+                "interleaved call by call. GPU figures need a GPU: run `bench/gpu.sh` on a GPU machine.**", "",
+                "On the CPU, `~` after a time marks a noisy row (its 80th percentile over 1.25x its 20th); "
+                "`peak MiB` counts the tensors alive at once during one call (fused kernels' scratch unseen); "
+                "the roofline is the best of two measurements, at the start and the end of the run, and a "
+                "`% roofline` above 100 means the op's data fit in a cache (the copy peak is a 64 MiB copy).", ""]
     out += [f"Roofline measured in this run: matmul {peaks['matmul']} **{peaks['matmul_flops'] / 1e12:.3g} TFLOP/s**; "
             f"copy {peaks['copy']} **{peaks['copy_bytes_per_s'] / 1e9:.3g} GB/s** (read + write).", "",
             "Times are medians in ms; `speed-up` is the competitor's time over attn_fast's (above 1: attn_fast "

@@ -3,22 +3,20 @@ they compute what ours defines, blocks of queries through them where ours extend
 together with is_causal, lower-right causal alignment with Lq != Lk). ``set_backend("cpu")`` selects
 it here, where the interpreter would otherwise run the kernels. Judged by the numerics rule against
 the float64 reference (the edge-case table and the fuzz profile run it too: tests/test_edge_cases.py,
-tests/test_fuzz.py); memory by the allocation recorder of tests/test_memory.py.
+tests/test_fuzz.py); memory by what is alive at once (bench.measure.PeakLive, the bench's CPU column).
 """
 from __future__ import annotations
 
 import itertools
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import attn_fast
 from attn_fast import dispatch, reference
 from attn_fast.ops import attention_cpu
+from bench.measure import PeakLive
 from numerics import assert_close, rand
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -105,30 +103,6 @@ def test_dropout_is_torch_generator_reproducible():
     # unbiased: the mean over draws approaches the output without dropout
     mean = torch.stack([attn_fast.scaled_dot_product_attention(q, k, v, dropout_p=0.3) for _ in range(400)]).mean(0)
     torch.testing.assert_close(mean, attn_fast.scaled_dot_product_attention(q, k, v), atol=0.12, rtol=0)
-
-
-class PeakLive(TorchDispatchMode):
-    """The most bytes that tensors made by aten ops held at once: each op output with fresh storage
-    counts from its creation until that tensor is freed (a view that outlives its base is not
-    followed; the ops here free views first)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
-        return out
 
 
 @pytest.mark.parametrize("case", ["causal", "padding-mask", "mask-grad", "mask-and-causal", "lower-right"])

@@ -3,6 +3,7 @@ run of ``python -m bench`` and of ``pytest bench/ --benchmark-only`` on this mac
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def test_runner_end_to_end(tmp_path, monkeypatch):
     assert fwd["check"]["fwd_ok"] and fwd["check"]["grad_ok"]
     assert {"reference", "torchvision", "timm"} <= set(fwd["speedup"])
     assert fwd["gbps"] > 0 and fwd["pct_roofline"] > 0
+    assert all(r["peak_bytes"] > 0 for r in run["rows"] if r.get("status") == "ok")  # measured on the CPU too
     md = next(folder.glob("*-t.md")).read_text()
     assert "GPU figures need a GPU" in md and "Squeeze-and-excitation" in md
     pytest.importorskip("matplotlib")
@@ -130,3 +132,37 @@ def test_pytest_benchmark_files_run():
                          env=dict(os.environ, ATTN_FAST_BENCH_DEVICE="cpu", TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "1 passed" in res.stdout
+
+
+def test_cpu_timing_interleaves_and_flags_spread():
+    """CPU rows time their implementations call by call in turn (A B A B ...), so a load on the
+    machine hits them alike; a row whose p80 / p20 passes NOISY_SPREAD is flagged."""
+    from bench import measure
+
+    order = []
+    slow = iter([1e-3] * 3 + [30e-3] * 100)
+
+    def make(name, wait=None):
+        def fn():
+            order.append(name)
+            if wait is not None:
+                time.sleep(next(wait))
+        return fn
+
+    timings = measure.time_interleaved({"a": make("a"), "b": make("b", slow)}, {}, min_calls=6, budget_s=0.0)
+    assert order == ["a", "b"] * 6
+    assert timings["a"].calls == timings["b"].calls == 6
+    assert timings["b"].noisy and timings["b"].ms_p80 > measure.NOISY_SPREAD * timings["b"].ms_p20
+
+
+def test_cpu_peak_memory_sees_what_is_alive_at_once():
+    from bench import measure
+
+    def fn():
+        a = torch.ones(1 << 20)          # 4 MiB, freed before b
+        del a
+        b = torch.ones(1 << 19)          # 2 MiB
+        return (b * 2).sum()             # + 2 MiB alive with b
+
+    peak = measure.peak_memory(fn, torch.device("cpu"))
+    assert 4 << 20 <= peak < 5 << 20
