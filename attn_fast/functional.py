@@ -107,7 +107,7 @@ def scaled_dot_product_attention(
         check_same(fn, ("query", query), ("attn_mask", attn_mask), dtype=False)
         target = (*batch, hq, lq, lk)
         try:
-            fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+            fits = attn_mask.dim() <= len(target) and _broadcast(attn_mask.shape, target) == target
         except RuntimeError:
             fits = False
         if not fits:
@@ -175,24 +175,37 @@ def _broadcast_qkv(fn: str, query: Tensor, key: Tensor, value: Tensor, enable_gq
             raise InputError(f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of "
                              f"key/value heads ({hk})")
         try:
-            hq_out = hkv = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+            hq_out = hkv = _broadcast((hq,), (hk,), (hv,))[0]
         except RuntimeError:
             hint = "; for grouped-query attention set enable_gqa=True" if hk == hv and hk and hq % hk == 0 else ""
             raise InputError(f"{fn}: query has {hq} heads but key has {hk} and value {hv}: they must be equal "
                              f"or 1 (broadcast){hint}") from None
     try:
-        batch = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+        batch = _broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except RuntimeError:
         raise InputError(f"{fn}: batch dims do not broadcast: query {tuple(query.shape[:-3])}, key "
                          f"{tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}") from None
-    q = q.expand(*batch, hq_out, *q.shape[-2:])
-    k = k.expand(*batch, hkv, *k.shape[-2:])
-    v = v.expand(*batch, hkv, *v.shape[-2:])
+    q, k, v = (t if t.shape[:-2] == (*batch, h) else t.expand(*batch, h, *t.shape[-2:])
+               for t, h in ((q, hq_out), (k, hkv), (v, hkv)))
     if len(batch) != 1:  # one batch dim (a view when the dims merge; a copy only where they can't)
         q, k, v = (t.reshape(math.prod(batch), *t.shape[-3:]) for t in (q, k, v))
     if query.dim() == 2 and key.dim() == 2 and value.dim() == 2:
         batch = ()
     return q, k, v, batch, gqa
+
+
+def _broadcast(*shapes) -> Tuple[int, ...]:
+    """torch.broadcast_shapes of a few short shapes (a tuple), raising RuntimeError as it does; in
+    Python, as the call's checks are a per-call cost on small problems (torch's takes ~20 us)."""
+    n = max(len(shape) for shape in shapes)
+    out = []
+    for i in range(n):
+        sizes = {shape[len(shape) - n + i] for shape in shapes if len(shape) - n + i >= 0}
+        big = sizes - {1}
+        if len(big) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(big.pop() if big else 1)
+    return tuple(out)
 
 
 def _mask_4d(mask: Tensor, batch: Tuple[int, ...]) -> Tensor:
