@@ -77,6 +77,8 @@ def attention_cases(mode: str) -> List[Case]:
         for L, e in grid:
             out.append(_attn("attention", max(1, tokens // L), width // e, L, L, e, causal,
                              f"E{e}{' causal' if causal else ''}", L))
+    if mode == "cpu":  # the memory column at a length where Lq x Lk scores (1 GiB here) would show
+        out.append(_attn("attention", 1, 4, 8192, 8192, 64, True, "E64 causal, long", 8192, ("fwd",)))
     return out
 
 
