@@ -123,7 +123,10 @@ class Route:
 
 
 def warn_once(key: str, message: str) -> None:
-    """Warn with ``message`` the first time ``key`` is seen in this process."""
+    """Warn with ``message`` the first time ``key`` is seen in this process (not while torch.compile
+    traces: dynamo cannot enter the lock, and the eager call warns)."""
+    if torch.compiler.is_compiling():
+        return
     with _lock:
         if key in _warned:
             return

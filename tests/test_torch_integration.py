@@ -432,6 +432,10 @@ def test_compiled_attention_under_forward_ad_and_func_grad(device, fresh_compile
     assert_close(torch.func.grad(loss_of(compiled, F32))(q), *refs, "grad of a compiled function")
     compiled_grad = torch.compile(torch.func.grad(loss_of(f_of(case.fast, F32), F32)), backend="aot_eager")
     assert_close(compiled_grad(q), *refs, "compiled grad")
+    # fullgraph too: the one-time fallback warning is skipped while dynamo traces (it cannot enter
+    # the warning's lock; the eager calls above warned)
+    whole = torch.compile(torch.func.grad(loss_of(f_of(case.fast, F32), F32)), backend="aot_eager", fullgraph=True)
+    assert_close(whole(q), *refs, "compiled grad, fullgraph")
 
 
 # ---------------------------------------------------------------------------------------------
