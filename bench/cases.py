@@ -215,7 +215,8 @@ def model_cases(mode: str) -> List[Case]:
     """Whole training steps (forward + backward + SGD step) of a converted model against the original."""
     if mode == "cpu":
         specs = [("seresnet18", dict(batch=2, size=64)), ("transformer_encoder",
-                                                           dict(batch=2, L=128, d=256, heads=4, layers=2))]
+                                                           dict(batch=2, L=128, d=256, heads=4, layers=2)),
+                 ("multihead_attention", dict(batch=4, L=512, d=512, heads=8))]
     elif mode == "quick":
         specs = [("seresnet50", dict(batch=64, size=224)),
                  ("transformer_encoder", dict(batch=8, L=2048, d=1024, heads=16, layers=4))]

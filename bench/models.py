@@ -3,8 +3,9 @@ unconverted (same weights, same batch). One step is forward, loss, backward and 
 ``torch.autocast`` in the benchmark's dtype on a GPU (fp32 on the CPU).
 
 Models: timm ``seresnet50``, ``efficientnet_b0``, a CBAM-ResNet50 (timm ``resnet50`` with
-``block_args=dict(attn_layer="cbam")``), ``seresnet18`` (CPU runs) and a ``transformer_encoder``
-(``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer``, batch_first, GELU, dropout 0.1).
+``block_args=dict(attn_layer="cbam")``), ``seresnet18`` (CPU runs), a ``transformer_encoder``
+(``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer``, batch_first, GELU, dropout 0.1) and, on
+the CPU, one ``multihead_attention`` layer (self-attention, ``need_weights=False``).
 """
 from __future__ import annotations
 
@@ -22,9 +23,24 @@ from .impls import Unavailable
 MODEL_IMPLS = ("attn_fast", "original", "original+compile")
 
 
+class SelfAttention(nn.Module):
+    """One nn.MultiheadAttention as a model: self-attention without the weights (as the Transformer
+    layers call it)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
 def build(params: Dict[str, Any], device: torch.device) -> Tuple[nn.Module, torch.Tensor, Callable]:
     """(model, input batch, loss function) for a model case."""
     name = params["model"]
+    if name == "multihead_attention":
+        x = torch.randn(params["batch"], params["L"], params["d"])
+        return SelfAttention(params["d"], params["heads"]).to(device), x.to(device), lambda y: y.float().square().mean()
     if name == "transformer_encoder":
         layer = nn.TransformerEncoderLayer(params["d"], params["heads"], 4 * params["d"], dropout=0.1,
                                            activation="gelu", batch_first=True)

@@ -166,3 +166,20 @@ def test_cpu_peak_memory_sees_what_is_alive_at_once():
 
     peak = measure.peak_memory(fn, torch.device("cpu"))
     assert 4 << 20 <= peak < 5 << 20
+
+
+def test_model_steps_run_interleaved_on_the_cpu(tmp_path, monkeypatch):
+    """The whole-model part on the CPU: a converted MultiheadAttention layer against the original,
+    their training steps timed in turn; both rows ok, with memory. (The CPU path: interpreted kernels
+    would take minutes at this size.)"""
+    from bench.__main__ import main
+
+    monkeypatch.setenv("ATTN_FAST_BACKEND", "cpu")
+
+    rc = main(["--ops", "model", "--match", "multihead_attention", "--profile", "none", "--interpreter", "off",
+               "--out", str(tmp_path), "--tag", "m", "--device", "cpu", "--no-plots"])
+    assert rc == 0
+    run = json.loads(next(tmp_path.glob("*/*-m.json")).read_text())
+    rows = {r["impl"]: r for r in run["rows"]}
+    assert rows["attn_fast"]["status"] == rows["original"]["status"] == "ok"
+    assert rows["attn_fast"]["ms"] > 0 and rows["attn_fast"]["peak_bytes"] > 0
