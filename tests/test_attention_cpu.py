@@ -17,7 +17,7 @@ import attn_fast
 from attn_fast import dispatch, reference
 from attn_fast.ops import attention_cpu
 from bench.measure import PeakLive
-from numerics import assert_close, rand
+from numerics import assert_close, check_op, rand
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -30,22 +30,12 @@ def cpu_path():
 
 
 def _judge(dtype, inputs, **kw):
-    """Output and every gradient on the CPU path against the reference in float64 and in ``dtype``."""
+    """Output and every gradient on the CPU path against the reference in float64 and in ``dtype``
+    (tests/numerics.check_op)."""
+    inputs = {n: t.to(dtype) if t is not None and t.is_floating_point() else t for n, t in inputs.items()}
     names = [n for n, t in inputs.items() if t is not None and t.is_floating_point()]
-
-    def run(fn, cast):
-        args = {n: (t.to(cast).requires_grad_() if n in names else t) for n, t in inputs.items()}
-        out = fn(**args, **kw)
-        g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape).to(cast)
-        grads = torch.autograd.grad(out, [args[n] for n in names], g, allow_unused=True)
-        return [out] + [torch.zeros_like(args[n]) if d is None else d for n, d in zip(names, grads)]
-
-    fast = run(attn_fast.scaled_dot_product_attention, dtype)
-    ref64 = run(reference.scaled_dot_product_attention, torch.float64)
-    ref_lp = run(reference.scaled_dot_product_attention, dtype)
-    for name, a, b, c in zip(["output"] + names, fast, ref64, ref_lp):
-        assert a.shape == b.shape and a.dtype == dtype
-        assert_close(a, b, c, name, dtype=dtype)
+    check_op(lambda **a: attn_fast.scaled_dot_product_attention(**a, **kw),
+             lambda **a: reference.scaled_dot_product_attention(**a, **kw), inputs, grad=names, dtype=dtype)
 
 
 EXTENSIONS = list(itertools.product([(40, 40), (40, 27), (27, 40), (70, 30)], ["top_left", "lower_right"],

@@ -14,7 +14,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import attn_fast
 from attn_fast import reference
-from numerics import assert_close, rand
+from numerics import check_op, rand
 
 BACKENDS = ("auto", "reference")  # auto: the kernels (interpreted without a GPU); reference: the CPU path
 
@@ -31,21 +31,15 @@ def _grad_inputs(shapes, dtype, device):
 
 def _check(fast_fn, ref_fn, inputs, dtype):
     """Output and every input gradient of ``fast_fn`` by the numerics rule against ``ref_fn`` in float64
-    (and in ``dtype``); returns the fast output."""
-    out = fast_fn(*inputs)
-    grad_out = rand(*out.shape, dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    results = {}
-    for name, cast in (("64", torch.float64), ("lp", dtype)):
-        ins = [t.detach().to(cast).requires_grad_() for t in inputs]
-        o = ref_fn(*ins)
-        results[name] = (o, torch.autograd.grad(o, ins, grad_out.to(cast), allow_unused=True))
-    assert_close(out, results["64"][0], results["lp"][0], "output", dtype=dtype)
-    for i, g in enumerate(grads):
-        g64, glp = results["64"][1][i], results["lp"][1][i]
-        assert g.shape == inputs[i].shape
-        assert_close(g, g64, glp, f"grad {i}", dtype=dtype)
-    return out
+    and in ``dtype`` (tests/numerics.check_op, positional inputs); returns the fast output."""
+    names = [f"input{i}" for i in range(len(inputs))]
+
+    def by_name(fn):
+        return lambda **args: fn(*(args[n] for n in names))
+
+    check_op(by_name(fast_fn), by_name(ref_fn), {n: t.detach() for n, t in zip(names, inputs)}, grad=names,
+             dtype=dtype)
+    return fast_fn(*(t.detach() for t in inputs))
 
 
 BROADCASTS = [

@@ -122,11 +122,6 @@ class CBAM(nn.Module):
                     channel_gate="sigmoid" if self.light else gate_name(ch.gate, "channel.gate"),
                     gate=gate_name(sp.gate, "spatial.gate"), light=self.light)
 
-    def _bn_arguments(self) -> dict:
-        """BatchNorm2d's forward logic, as arguments of attn_fast.cbam (and its side effect on
-        num_batches_tracked)."""
-        return _bn_arguments(self.spatial.conv.bn)
-
     def forward(self, x: Tensor) -> Tensor:
         ch, sp = self.channel, self.spatial
         return _cbam(x, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, sp.conv.conv.weight,
