@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -43,7 +42,7 @@ OPS: Dict[str, bool] = {
 #: The ops whose CPU path is an implementation of its own (not the reference).
 CPU_PATHS: Dict[str, bool] = {
     "scaled_dot_product_attention": True,
-    "squeeze_excite": False,
+    "squeeze_excite": True,
     "efficient_channel_attention": False,
     "cbam": False,
 }
@@ -70,13 +69,24 @@ def get_backend() -> str:
     """The backend in force: ``set_backend``'s choice, else ``ATTN_FAST_BACKEND``, else "auto"."""
     if _backend_override is not None:
         return _backend_override
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    return _check_backend(env, ENV_VAR) if env else "auto"
+    raw = os.environ.get(ENV_VAR)
+    if not raw:
+        return "auto"
+    name = _parsed_backend.get(raw)
+    if name is None:  # read on every call (the variable may change), parsed once per value
+        env = raw.strip().lower()
+        name = _parsed_backend[raw] = _check_backend(env, ENV_VAR) if env else "auto"
+    return name
 
 
 def interpreter_enabled() -> bool:
     """Whether Triton's interpreter runs kernels (read the way triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    raw = os.environ.get("TRITON_INTERPRET")
+    return raw is not None and raw.strip().lower() in _TRUE
+
+
+_TRUE = frozenset(("1", "true", "yes", "on", "y"))
+_parsed_backend: Dict[str, str] = {}
 
 
 #: The reasons ``autograd_unsupported`` gives (the warning names them once per op).
@@ -114,12 +124,17 @@ def autograd_unsupported(tensors: Iterable[Optional[torch.Tensor]] = ()) -> Opti
     return None
 
 
-@dataclass(frozen=True)
-class Route:
-    """The chosen path ("triton", "cpu" or "reference") and why."""
+class Route(NamedTuple):
+    """The chosen path ("triton", "cpu" or "reference") and why (a tuple: cheap to make per call)."""
 
     path: str
     reason: str
+
+
+_FORCED_REFERENCE = Route("reference", "backend forced to 'reference'")
+_FLOAT64 = Route("reference", "float64 runs the reference")
+_CPU_PATH = Route("cpu", "CPU tensor: the CPU path")
+_CPU_REFERENCE = {op: Route("reference", f"cpu tensor: the CPU path of {op} is the reference") for op in OPS}
 
 
 def warn_once(key: str, message: str) -> None:
@@ -148,9 +163,9 @@ def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Option
         raise KeyError(f"unknown op {op!r}; known: {sorted(OPS)}")
     backend = get_backend()
     if backend == "reference":
-        return Route("reference", "backend forced to 'reference'")
+        return _FORCED_REFERENCE
     if dtype == torch.float64:
-        return Route("reference", "float64 runs the reference")
+        return _FLOAT64
     if device.type == "cuda":
         where = "CUDA tensor"
     elif device.type == "cpu" and interpreter_enabled() and backend != "cpu":
@@ -161,11 +176,13 @@ def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Option
             "TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU")
     else:
         if not CPU_PATHS[op]:
+            if device.type == "cpu":
+                return _CPU_REFERENCE[op]
             return Route("reference", f"{device.type} tensor: the CPU path of {op} is the reference")
         transform = autograd_unsupported(tensors)  # torch's fused CPU kernels have no forward-mode AD
         if transform is not None:
             return Route("reference", f"{device.type} tensor under {transform}: the reference")
-        return Route("cpu", f"{device.type} tensor: the CPU path (torch's fused CPU kernels)")
+        return _CPU_PATH if device.type == "cpu" else Route("cpu", f"{device.type} tensor: the CPU path")
     if unsupported is None:
         unsupported = autograd_unsupported(tensors)
     if not OPS[op]:

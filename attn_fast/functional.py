@@ -77,6 +77,10 @@ def scaled_dot_product_attention(
         InputError / InputTypeError (ValueError / TypeError that are also RuntimeError, as torch
         raises) naming the argument, before any kernel runs.
     """
+    if _ordinary_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           causal_alignment, deterministic):
+        return ops.attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                          False, "top_left", False)
     fn = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(fn, name, t)
@@ -130,12 +134,46 @@ def scaled_dot_product_attention(
     return out.reshape(*batch, hq, lq, ev) if len(batch) != 1 else out
 
 
-def _is_causal_bias(mask) -> bool:
-    try:
-        from torch.nn.attention.bias import CausalBias
-    except ImportError:  # torch without attention biases
+_FAST_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+
+
+def _ordinary_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment,
+                        deterministic) -> bool:
+    """Whether a call is the common case that needs none of the checks' conversions: plain 4-D
+    (B, H, L, E) tensors of one kernel dtype and device with equal batch and head dims, no mask or a
+    4-D one that broadcasts, Python float/bool arguments, the defaults for the rest. Such a call is
+    valid as it is; every other call (including every invalid one) takes the full checks, which give
+    the errors. A per-call cost on small problems: these few comparisons take ~1 us, the checks ~15."""
+    if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor
+            and (is_causal is False or is_causal is True) and enable_gqa is False and deterministic is False
+            and causal_alignment == "top_left" and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+            and (scale is None or (type(scale) is float and math.isfinite(scale)))):
         return False
-    return isinstance(mask, CausalBias)
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    (b, h, lq, e), (bk, hk, lk, ek), (bv, hv, lv, ev) = query.shape, key.shape, value.shape
+    dtype, device = query.dtype, query.device
+    if not (b == bk == bv and h == hk == hv and lk == lv and e == ek and 0 < e <= MAX_HEAD_DIM
+            and 0 < ev <= MAX_HEAD_DIM and dtype in _FAST_DTYPES and key.dtype == dtype == value.dtype
+            and key.device == device == value.device):
+        return False
+    if attn_mask is None:
+        return True
+    if type(attn_mask) is not Tensor or attn_mask.dim() != 4 or attn_mask.device != device:
+        return False
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
+        return False
+    return all(m == 1 or m == t for m, t in zip(attn_mask.shape, (b, h, lq, lk)))
+
+
+try:
+    from torch.nn.attention.bias import CausalBias as _CausalBias
+except ImportError:  # torch without attention biases
+    _CausalBias = None
+
+
+def _is_causal_bias(mask) -> bool:
+    return _CausalBias is not None and isinstance(mask, _CausalBias)
 
 
 def _from_causal_bias(fn: str, bias, is_causal: bool, causal_alignment: str, lq: int, lk: int):
@@ -274,6 +312,10 @@ def squeeze_excite(
             which also updates its running statistics) runs in PyTorch between the pooling and
             scaling kernels, which costs one more pass over x in the backward.
     """
+    if norm is None and _ordinary_squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate,
+                                                 pool):
+        return ops.squeeze_excite.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate,
+                                                 pool, None)
     fn = "squeeze_excite"
     _check_image(fn, x, max_pool=pool == "avgmax")
     c = x.shape[1]
@@ -296,6 +338,39 @@ def squeeze_excite(
             raise InputError(f"{fn}: norm needs a hidden layer (fc2_weight); a single fc has none")
     return ops.squeeze_excite.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                              activation, gate, pool, norm)
+
+
+def _ordinary_squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, pool) -> bool:
+    """Whether an SE call without a norm is valid as it is, by a few comparisons (~2 us against the
+    checks' ~10: a per-call cost on small maps); any other call, every invalid one included, takes the
+    full checks, which give the errors."""
+    if not (type(x) is Tensor and isinstance(fc1_weight, Tensor) and x.dim() == 4 and x.dtype in _FAST_DTYPES
+            and type(activation) is str and activation in ACTIVATIONS and type(gate) is str and gate in GATES
+            and type(pool) is str and pool in POOLS and fc1_weight.dim() in (2, 4)):
+        return False
+    n, c, h, w = x.shape
+    if c < 1 or h * w < 1:
+        return False
+    dtype, device = x.dtype, x.device
+    cr = fc1_weight.shape[0]
+    if fc2_weight is None:
+        fc_shapes = ((c, c),) if fc2_bias is None else ()
+    elif isinstance(fc2_weight, Tensor):
+        fc_shapes = ((cr, c), (c, cr))
+    else:
+        return False
+    for weight, shape in zip((fc1_weight, fc2_weight), fc_shapes):
+        if weight.dtype != dtype or weight.device != device or weight.shape[:2] != shape or cr < 1:
+            return False
+        if weight.dim() != 2 and (weight.dim() != 4 or weight.shape[2] != 1 or weight.shape[3] != 1):
+            return False
+    if len(fc_shapes) == 0:
+        return False
+    for bias, size in ((fc1_bias, cr), (fc2_bias, c)):
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == size
+                                     and bias.dtype == dtype and bias.device == device):
+            return False
+    return True
 
 
 def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "sigmoid") -> Tensor:

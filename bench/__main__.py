@@ -198,7 +198,7 @@ def bench_models(model_cases: List[C.Case], dtypes: List[str], device: torch.dev
                     timings = {name: e for name in impl_names}
             for name in impl_names:
                 base = dict(family="model", op="model", case=case.label, series=case.series, x=0.0,
-                            source=case.source, params=case.params, dtype=dtype_name, direction="fwd+bwd", impl=name)
+                            source=case.source, params=case.params, dtype=dtype_name, direction=case.directions[0], impl=name)
                 try:
                     if isinstance(timings.get(name), BaseException):
                         raise timings[name]

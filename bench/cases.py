@@ -212,11 +212,15 @@ def image_inputs(family: str, p: Dict[str, Any], dtype: torch.dtype, device, req
 
 # ------------------------------------------------------------------------------------------ models
 def model_cases(mode: str) -> List[Case]:
-    """Whole training steps (forward + backward + SGD step) of a converted model against the original."""
+    """Whole training steps (forward + backward + SGD step) of a converted model against the original,
+    and (``inference=True``) forwards in eval mode under ``torch.no_grad``, where torch's
+    MultiheadAttention and Transformer layers take their fused inference fast path."""
     if mode == "cpu":
-        specs = [("seresnet18", dict(batch=2, size=64)), ("transformer_encoder",
-                                                           dict(batch=2, L=128, d=256, heads=4, layers=2)),
-                 ("multihead_attention", dict(batch=4, L=512, d=512, heads=8))]
+        mha = dict(batch=4, L=512, d=512, heads=8)
+        encoder = dict(batch=2, L=128, d=256, heads=4, layers=2)
+        specs = [("seresnet18", dict(batch=2, size=64)), ("transformer_encoder", encoder),
+                 ("transformer_encoder", dict(encoder, inference=True)), ("multihead_attention", mha),
+                 ("multihead_attention", dict(mha, inference=True))]
     elif mode == "quick":
         specs = [("seresnet50", dict(batch=64, size=224)),
                  ("transformer_encoder", dict(batch=8, L=2048, d=1024, heads=16, layers=4))]
@@ -226,8 +230,10 @@ def model_cases(mode: str) -> List[Case]:
                  ("transformer_encoder", dict(batch=8, L=2048, d=1024, heads=16, layers=12))]
     out = []
     for name, p in specs:
-        label = name + " " + " ".join(f"{k}={v}" for k, v in p.items())
-        out.append(Case("model", label, dict(model=name, **p), 0.0, name, ("fwd+bwd",), source=name))
+        label = name + " " + " ".join(f"{k}={v}" for k, v in p.items() if k != "inference")
+        label += " inference" if p.get("inference") else " train"
+        out.append(Case("model", label, dict(model=name, **p), 0.0, name, ("fwd" if p.get("inference") else "fwd+bwd",),
+                        source=name))
     return out
 
 

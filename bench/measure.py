@@ -16,6 +16,7 @@ Directions: ``fwd`` times the forward on inputs that need no gradient (inference
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import weakref
@@ -85,12 +86,19 @@ def time_call(fn: Callable[[], object], device: torch.device, leaves: Sequence[T
 def time_interleaved(fns: Dict[str, Callable[[], object]], leaves: Dict[str, Sequence[Tensor]], *,
                      min_calls: int = 5, budget_s: float = 1.0) -> Dict[str, Timing]:
     """CPU: one call of each of ``fns`` per round, in turn, for at least ``min_calls`` rounds or as many
-    as fit in ``budget_s`` (gradients of each one's ``leaves`` reset before its calls)."""
+    as fit in ``budget_s`` (gradients of each one's ``leaves`` reset before its calls). Each round
+    takes a fresh random order (seeded: the same every run), so each implementation follows each
+    other one equally often: a call right after one that swept the caches (a math backend's Lq x Lk
+    scores) runs up to 1.4x slower on a 2-core EPYC, and a fixed order (or a rotated one, which keeps
+    who follows whom) would put that cost on one implementation."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     start = time.perf_counter()
     rounds = 0
     while rounds < min_calls or (time.perf_counter() - start < budget_s and rounds < 1000):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             for t in leaves.get(name, ()):
                 t.grad = None
             t0 = time.perf_counter()

@@ -5,7 +5,9 @@ unconverted (same weights, same batch). One step is forward, loss, backward and 
 Models: timm ``seresnet50``, ``efficientnet_b0``, a CBAM-ResNet50 (timm ``resnet50`` with
 ``block_args=dict(attn_layer="cbam")``), ``seresnet18`` (CPU runs), a ``transformer_encoder``
 (``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer``, batch_first, GELU, dropout 0.1) and, on
-the CPU, one ``multihead_attention`` layer (self-attention, ``need_weights=False``).
+the CPU, one ``multihead_attention`` layer (self-attention, ``need_weights=False``). A case with
+``inference=True`` times a forward in eval mode under ``torch.no_grad`` instead of a step (torch's
+MultiheadAttention and Transformer layers then take their fused inference fast path).
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ def build(params: Dict[str, Any], device: torch.device) -> Tuple[nn.Module, torc
 def prepare_step(impl: str, params: Dict[str, Any], dtype: torch.dtype, device: torch.device,
                  base: Tuple[nn.Module, torch.Tensor, Callable]) -> Callable[[], torch.Tensor]:
     """One training step of ``impl`` ("attn_fast": converted, "original", "original+compile") on a
-    deep copy of the ``base`` model."""
+    deep copy of the ``base`` model; with ``params["inference"]``, one forward in eval mode under
+    ``torch.no_grad`` instead."""
     model, x, loss_fn = base
-    model = copy.deepcopy(model).train()
+    inference = bool(params.get("inference"))
+    model = copy.deepcopy(model).train(not inference)
     if impl == "attn_fast":
         model, report = attn_fast.convert(model, report=True)
         if not report.swapped:
@@ -76,9 +80,15 @@ def prepare_step(impl: str, params: Dict[str, Any], dtype: torch.dtype, device: 
         model = torch.compile(model)
     elif impl != "original":
         raise ValueError(f"unknown model implementation {impl!r}")
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     autocast = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32
                 else contextlib.nullcontext())
+    if inference:
+        def forward():
+            with torch.no_grad(), autocast:
+                return model(x)
+
+        return forward
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def step():
         with autocast:

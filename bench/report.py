@@ -145,7 +145,7 @@ def unavailable_lines(rows: Iterable[Dict[str, Any]]) -> List[str]:
 FAMILY_TITLES = OrderedDict([
     ("attention", "Self attention (B x L = 16k tokens)"), ("decode", "Decoding (Lq = 1)"),
     ("cross", "Cross attention (Lq != Lk)"), ("se", "Squeeze-and-excitation layers"), ("cbam", "CBAM layers"),
-    ("model", "Whole-model training steps (forward + backward + SGD step)")])
+    ("model", "Whole models: training steps (forward + backward + SGD step) and inference (a no_grad forward)")])
 
 
 def markdown(run: Dict[str, Any]) -> str:

@@ -225,15 +225,16 @@ def test_route_rules(monkeypatch):
 
 
 def test_route_to_the_cpu_path(monkeypatch):
-    """CPU tensors take the CPU path: attention's own (torch's fused CPU kernels), the reference for
-    the ops without one; set_backend("cpu") asks for it under the interpreter too, and forward-mode
+    """CPU tensors take the CPU path: attention's (torch's fused CPU kernels) and squeeze-excite's
+    own, the reference for the ops without one; set_backend("cpu") asks for it under the interpreter too, and forward-mode
     AD / torch.func transforms take the reference (torch's fused CPU kernels have no forward AD)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     sdpa = "scaled_dot_product_attention"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dispatch.route(sdpa, cpu, torch.float32).path == "cpu"
     assert dispatch.route(sdpa, cpu, torch.float64).path == "reference"
-    assert dispatch.route("squeeze_excite", cpu, torch.float32).path == "reference"
+    assert dispatch.route("squeeze_excite", cpu, torch.float32).path == "cpu"
+    assert dispatch.route("efficient_channel_attention", cpu, torch.float32).path == "reference"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.route(sdpa, cpu, torch.float32).path == "triton"
     attn_fast.set_backend("cpu")

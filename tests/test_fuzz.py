@@ -385,6 +385,17 @@ def test_fuzz_squeeze_excite(case):
     _run_se_case(case)
 
 
+@given(case=se_cases())
+def test_fuzz_squeeze_excite_cpu_path(case):
+    """The same draws on the CPU path (the reference's formula in fewer torch calls)."""
+    attn_fast.set_backend("cpu")
+    try:
+        assert dispatch.route("squeeze_excite", torch.device("cpu"), DTYPES[case["dtype"]], warn=False).path == "cpu"
+        _run_se_case(case)
+    finally:
+        attn_fast.set_backend(None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Efficient channel attention
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ _BY_CLASS: Dict[str, str] = {
     "timm.layers.activations_me.HardSigmoidMe": "hardsigmoid",
 }
 
+_BY_TYPE: Dict[type, str] = {}
+
 #: Names a constructor accepts (ours and timm's aliases) -> attn_fast's names.
 _ALIASES: Dict[str, str] = {
     "identity": "identity", "relu": "relu", "relu6": "relu6", "silu": "silu", "swish": "silu",
@@ -64,7 +66,11 @@ def activation_name(module: nn.Module, what: str = "activation") -> str:
     cls = type(module)
     if cls is nn.GELU:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    name = _BY_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+    name = _BY_TYPE.get(cls)  # the forward asks on every call: a dict hit, not a qualified name to build
+    if name is None:
+        name = _BY_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if name is not None:
+            _BY_TYPE[cls] = name
     if name is None:
         raise UnsupportedLayerError(
             f"{what} {cls.__qualname__} is not one the kernels compute (they take "
@@ -157,6 +163,12 @@ def fx_traced(*values) -> bool:
 
 def _autocast_on(device: torch.device) -> bool:
     return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (the modules then cast their parameters to x's dtype and
+    run the op with autocast off)."""
+    return _autocast_on(x.device)
 
 
 def check_input(owner: str, name: str, x, weight: torch.Tensor, *, ndims: Sequence[int] = (), legend: str = "",

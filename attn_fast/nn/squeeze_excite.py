@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._validate import InputError, check_finite_float, check_positive_int
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_off, cast_for_autocast,
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_enabled, autocast_off,
+                      cast_for_autocast,
                       check_input, check_pointwise_conv, gate_name, make_activation, make_divisible)
 
 __all__ = ["SqueezeExcite", "SEModule", "EffectiveSEModule", "EfficientNetSqueezeExcite", "EcaModule"]
@@ -49,6 +50,12 @@ def _squeeze_excite(owner: str, x: Tensor, fc1_weight: Tensor, fc1_bias: Optiona
     """The SE modules' forward once the submodules are picked: the input checks, the autocast casts and
     the fused op. A module-level function so that torch.fx records it as one call (``torch.fx.wrap``
     below): symbolic tracing sees Proxies, not tensors, and the checks run when the graph runs."""
+    if (type(x) is Tensor and x.dim() == 4 and x.dtype == fc1_weight.dtype and x.device == fc1_weight.device
+            and x.shape[1] == fc1_weight.shape[1] and not autocast_enabled(x)):
+        # the common call (a per-call cost on small maps): nothing to cast, no autocast to turn off;
+        # the op checks the rest
+        return functional.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation=activation,
+                                         gate=gate, pool=pool, norm=norm)
     check_input(owner, "x", x, fc1_weight, ndims=(4,), legend="(N, C, H, W)", channels=fc1_weight.shape[1])
     weights = [cast_for_autocast(w, x) for w in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
     with autocast_off(x):
@@ -57,6 +64,9 @@ def _squeeze_excite(owner: str, x: Tensor, fc1_weight: Tensor, fc1_bias: Optiona
 
 def _efficient_channel_attention(x: Tensor, conv_weight: Tensor, gate: str) -> Tensor:
     """EcaModule's forward (one torch.fx call, as ``_squeeze_excite``)."""
+    if (type(x) is Tensor and x.dim() == 4 and x.dtype == conv_weight.dtype and x.device == conv_weight.device
+            and not autocast_enabled(x)):  # the common call, as in _squeeze_excite
+        return functional.efficient_channel_attention(x, conv_weight, gate=gate)
     check_input("EcaModule", "x", x, conv_weight, ndims=(4,), legend="(N, C, H, W)")
     conv_weight = cast_for_autocast(conv_weight, x)
     with autocast_off(x):

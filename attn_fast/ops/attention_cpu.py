@@ -52,13 +52,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return out.to(torch.float16)
     offset = 0 if causal_alignment == "top_left" else lk - lq
     gqa = enable_gqa and query.shape[-3] != key.shape[-3]
-    track = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, attn_mask))
-    mask_grad = (track and attn_mask is not None and attn_mask.requires_grad  # torch: its math backend
+    # a float mask's gradient: torch's math backend, Lq x Lk fp32 scores (blocked beyond DIRECT_SCORE_BYTES)
+    mask_grad = (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
                  and math.prod(query.shape[:-1]) * lk * 4 > DIRECT_SCORE_BYTES)
     if not mask_grad and (not is_causal or (attn_mask is None and offset == 0)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     if not is_causal:
         offset = lk  # every key visible to every row: the blocks without a causal band
     blocks = []

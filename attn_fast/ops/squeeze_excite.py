@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import route
 from ..reference.squeeze_excite import excite
+from . import squeeze_excite_cpu
 
 OP = "squeeze_excite"
 ECA_OP = "efficient_channel_attention"
@@ -385,9 +386,13 @@ def squeeze_excite(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc
                    norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     # the norm's parameters too (a BatchNorm in eval mode is folded into fc1); a lazy chain: read
     # only inside a forward-AD dual level
-    norm_state = (norm.parameters(), norm.buffers()) if isinstance(norm, torch.nn.Module) else ()
-    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x),
-                 tensors=itertools.chain((x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), *norm_state))
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if isinstance(norm, torch.nn.Module):
+        tensors = itertools.chain(tensors, norm.parameters(), norm.buffers())
+    path = route(OP, x.device, x.dtype, unsupported=sample_too_large(x), tensors=tensors)
+    if path.path == "cpu":
+        return squeeze_excite_cpu.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate,
+                                                 pool, norm)
     if path.path != "triton" or x.numel() == 0:  # nothing to compute (an empty batch or map)
         return reference.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         activation=activation, gate=gate, pool=pool, norm=norm)
