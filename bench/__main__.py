@@ -256,8 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"attn_fast {env['attn_fast']} | torch {env['torch']} | triton {env['triton']} | {env['device_name']}"
           f" | mode {mode}", file=sys.stderr)
     if device.type != "cuda":
-        print("No GPU here: this run times the CPU path (torch's fused CPU attention; the PyTorch reference "
-              "for SE, ECA and CBAM) against torch's own CPU ops on small shapes and checks the Triton kernels under the interpreter. GPU figures need "
+        print("No GPU here: this run times the CPU path (torch's fused CPU attention; its own for SE; the "
+              "PyTorch reference for ECA and CBAM) against torch's own CPU ops on small shapes and checks the Triton kernels under the interpreter. GPU figures need "
               "a GPU: run bench/gpu.sh on a GPU machine.", file=sys.stderr)
 
     work = []

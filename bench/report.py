@@ -154,8 +154,8 @@ def markdown(run: Dict[str, Any]) -> str:
            f"{env['date']} · attn_fast {env['attn_fast']} ({env.get('git', '?')}) · torch {env['torch']} · "
            f"triton {env['triton']} · CUDA {env.get('cuda') or '-'} · mode {run['mode']}", ""]
     if env["device"] == "cpu":
-        out += ["**No GPU here: these rows time the CPU path (torch's fused CPU kernels for attention, the "
-                "PyTorch reference for SE, ECA and CBAM) against torch's own CPU ops, each row's implementations "
+        out += ["**No GPU here: these rows time the CPU path (torch's fused CPU kernels for attention, its "
+                "own for SE, the PyTorch reference for ECA and CBAM) against torch's own CPU ops, each row's implementations "
                 "interleaved call by call. GPU figures need a GPU: run `bench/gpu.sh` on a GPU machine.**", "",
                 "On the CPU, `~` after a time marks a noisy row (its 80th percentile over 1.25x its 20th); "
                 "`peak MiB` counts the tensors alive at once during one call (fused kernels' scratch unseen); "
