@@ -5,6 +5,18 @@ ptxas, and whether Hopper's warpgroup MMA (wgmma) is used.
 Each kernel module lists the configurations its launcher or autotuner may pick as ``AOT_CASES``
 (a list of :class:`AOTCase`) and is named in ``attn_fast.kernels.KERNEL_MODULES``.
 
+The gate must compile what a launch compiles: a launch specialises its arguments (ints equal to 1
+become constexprs; 16-divisible ints and 16-byte-aligned pointers get ``tt.divisibility=16``), and
+a hand-written all-i32 signature compiles another kernel (for the attention forward at E=128, 218
+registers and scalar loads against the launch's ~100 and 16-byte ``cp.async``; spills that no launch
+has). So the attention cases are launcher calls: :func:`record_launch` runs the real launcher on
+meta tensors of a representative shape (an aligned and an unaligned one), as on an sm_80/sm_90 GPU
+(a compile-only stand-in for triton's driver), its tuning forced to the case's config
+(``tuning.forced``), and takes the launch's specialisation from triton's own binder through the
+JIT's ``jit_cache_hook``. :func:`check_against_jit` proves it: the JIT's own compile of the same
+launch gives the same PTX (``tests/test_compile.py``). The SE and CBAM kernels still give a
+hand-written signature, with their unit strides marked (``unit_strides``).
+
 Compiling needs real ``@triton.jit`` functions, which Triton's interpreter replaces, so the compile
 runs in a child process with the interpreter off::
 
@@ -23,8 +35,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["AOTCase", "StaticProfile", "SHARED_LIMIT", "compile_case", "collect_cases", "profile_in_subprocess",
-           "signature_of"]
+__all__ = ["AOTCase", "Launch", "StaticProfile", "SHARED_LIMIT", "compile_case", "collect_cases", "jit_compile",
+           "profile_in_subprocess", "record_launch", "signature_of"]
 
 #: Largest dynamic shared memory one block may use, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -68,15 +80,18 @@ def unit_strides(signature: Dict[str, str], constexprs: Dict[str, Any], names: S
 class AOTCase:
     """One compile configuration of one kernel.
 
-    ``signature`` maps every non-constexpr argument to its Triton type ("*fp16", "i32", "fp32"...),
-    ``constexprs`` gives the value of every constexpr argument. ``uses_dot``: the inner loop is a
+    Either ``launch``: a call of the kernel's real launcher (on meta tensors of a representative
+    shape, its tuning forced to this case's config, see :func:`record_launch`), whose launch of ``fn``
+    is compiled exactly as the JIT would specialise it; or, for test probes, a hand-written
+    ``signature`` (every non-constexpr argument to its Triton type, "*fp16", "i32", "fp32"...) and
+    ``constexprs`` (the value of every constexpr argument). ``uses_dot``: the inner loop is a
     ``tl.dot``, so on sm_90 wgmma is expected (unless ``expect_wgmma=False`` says why not).
     """
 
     name: str
     fn: Any
-    signature: Dict[str, str]
-    constexprs: Dict[str, Any]
+    signature: Dict[str, str] = field(default_factory=dict)
+    constexprs: Dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
     uses_dot: bool = False
@@ -90,6 +105,10 @@ class AOTCase:
     #: spill bytes (stores or loads) tolerated on the targets: 0, except for a table entry where no candidate
     #: compiled spill-free; such entries say so where they are defined (a known cost, kept visible).
     spill_budget: int = 0
+    #: the launcher call whose launch of ``fn`` is compiled (see the class docstring); it runs with
+    #: triton's driver and torch.cuda's capability answering as a GPU of ``targets[0]``, so the
+    #: launcher picks that cap's tile table
+    launch: Optional[Any] = None
 
     @property
     def wants_wgmma(self) -> bool:
@@ -110,6 +129,9 @@ class StaticProfile:
     spill_stores: int = 0
     spill_loads: int = 0
     wgmma: bool = False
+    #: the warpgroup MMA shapes in the sm_90 PTX, e.g. "m64n64k16" (N < 64 feeds the tensor cores
+    #: poorly)
+    wgmma_shapes: List[str] = field(default_factory=list)
     wants_wgmma: bool = False
     #: a launcher may pick this config on this cap (else it only has to compile and fit)
     targeted: bool = True
@@ -190,6 +212,128 @@ def _occupancy(p: StaticProfile) -> None:
     p.warps_per_sm = p.blocks_per_sm * p.num_warps
 
 
+@dataclass
+class Launch:
+    """One kernel launch as the JIT compiles it: the specialised signature (unit ints as constexprs),
+    the constexpr values, the alignment attributes (``tt.divisibility``) and the options."""
+
+    fn: Any
+    signature: Dict[Any, str]
+    constexprs: Dict[Any, Any]
+    attrs: Dict[Any, Any]
+    num_warps: int
+    num_stages: int
+    #: the launch's own arguments (positional, keyword), as the launcher passed them
+    call_args: Tuple[tuple, Dict[str, Any]] = ((), {})
+
+
+class _CompileOnlyDriver:
+    """A stand-in for triton's active driver that answers as a CUDA device of compute capability
+    ``cap`` (device and stream ids only): enough for the JIT to bind, specialise and compile a launch
+    without a GPU. Loading or running the result needs a real driver and fails."""
+
+    def __init__(self, cap: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.cap = cap
+        self.target = GPUTarget("cuda", cap, 32)
+
+    def get_current_device(self) -> int:
+        return self.cap  # one JIT cache per cap
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self) -> bool:
+        return True
+
+
+class _AsGPU:
+    """The launcher-facing environment of a GPU of compute capability ``cap``, without one: triton's
+    active driver (:class:`_CompileOnlyDriver`) and ``torch.cuda.get_device_capability``, which the
+    launchers read to pick their cap's tile table."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+
+    def __enter__(self):
+        import torch
+        from triton.runtime.driver import driver
+
+        self._driver, self._torch_cap = driver, torch.cuda.get_device_capability
+        self._previous = driver._active
+        driver.set_active(_CompileOnlyDriver(self.cap))
+        torch.cuda.get_device_capability = lambda device=None: (self.cap // 10, self.cap % 10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self._driver._active = self._previous
+        torch.cuda.get_device_capability = self._torch_cap
+
+
+def record_launch(call: Any, fn: Any, cap: int) -> Launch:
+    """Run ``call()`` (a launcher on meta tensors) as on an sm_<cap> GPU and return its launch of
+    kernel ``fn`` as the JIT specialises it, taken from triton's own binder through its
+    ``jit_cache_hook`` (called with the specialisation just before the JIT would compile; returning
+    True skips the compile and the launch). Launches of other kernels are ignored; ``fn`` must be
+    launched exactly once, or with one specialisation."""
+    from triton import knobs
+
+    seen: List[Launch] = []
+    raw: List[Tuple[tuple, Dict[str, Any]]] = []
+
+    def hook(*, fn: Any, compile: Dict[str, Any], **_) -> bool:
+        jit = getattr(fn, "jit_function", fn)
+        seen.append(Launch(jit, dict(compile["signature"]), dict(compile["constants"]), dict(compile["configs"][0]),
+                           compile["num_warps"], compile["num_stages"], raw[-1] if jit is target else ((), {})))
+        return True
+
+    def keep_arguments(*args, **kwargs) -> None:
+        raw.append((args, dict(kwargs)))
+
+    target = fn
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    fn.pre_run_hooks.append(keep_arguments)
+    try:
+        with _AsGPU(cap):
+            _clear_jit_cache(fn, cap)
+            call()
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+        fn.pre_run_hooks.remove(keep_arguments)
+    mine = [launch for launch in seen if launch.fn is fn]
+    keys = {repr((sorted(map(repr, x.signature.items())), sorted(map(repr, x.constexprs.items())),
+                  sorted(map(repr, x.attrs.items())), x.num_warps, x.num_stages)) for x in mine}
+    if len(keys) != 1:
+        raise RuntimeError(f"the launcher call launched {getattr(fn, '__name__', fn)} {len(mine)} times with "
+                           f"{len(keys)} specialisations; expected one")
+    return mine[0]
+
+
+def _clear_jit_cache(fn: Any, cap: int) -> None:
+    """Forget the JIT's compiled kernels for the stand-in device ``cap`` (so the hook sees the launch)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None and cap in caches:
+        del caches[cap]
+
+
+def jit_compile(case: AOTCase, cap: int) -> Any:
+    """The CompiledKernel the JIT itself makes, as on an sm_<cap> GPU, for ``case``'s launch of
+    ``case.fn``: the launcher's own arguments (recorded by :func:`record_launch`) handed to
+    ``JITFunction.run`` in warm-up mode, which binds, specialises and compiles but launches nothing.
+    The test of the gate compares this with the gate's compile."""
+    args, kwargs = record_launch(case.launch, case.fn, case.targets[0]).call_args
+    with _AsGPU(cap):
+        _clear_jit_cache(case.fn, cap)
+        return case.fn.run(*args, grid=(1,), warmup=True, **kwargs)
+
+
 def compile_case(case: AOTCase, cap: int) -> StaticProfile:
     """Compile ``case`` for sm_<cap> and measure it. Needs the interpreter off."""
     import triton
@@ -199,16 +343,25 @@ def compile_case(case: AOTCase, cap: int) -> StaticProfile:
     prof = StaticProfile(case.name, cap, case.num_warps, case.num_stages, shared_limit=SHARED_LIMIT[cap],
                          wants_wgmma=case.wants_wgmma, targeted=cap in case.targets,
                          spill_budget=case.spill_budget)
-    signature = dict(case.signature)
-    for name in case.constexprs:
-        signature.setdefault(name, "constexpr")
     try:
-        src = ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs))
+        if case.launch is not None:
+            launch = record_launch(case.launch, case.fn, case.targets[0])
+            if (launch.num_warps, launch.num_stages) != (case.num_warps, case.num_stages):
+                raise RuntimeError(f"the launcher launched {launch.num_warps} warps, {launch.num_stages} stages; "
+                                   f"the case says {case.num_warps}, {case.num_stages}")
+            src = ASTSource(fn=case.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+        else:
+            signature = dict(case.signature)
+            for name in case.constexprs:
+                signature.setdefault(name, "constexpr")
+            src = ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                   options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         ptx = compiled.asm["ptx"]
         prof.shared = int(compiled.metadata.shared)
         prof.wgmma = "wgmma.mma_async" in ptx
+        prof.wgmma_shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
+                                   key=lambda m: [int(x) for x in re.findall(r"\d+", m)])
         usage = _ptxas_usage(ptx, cap)
     except Exception as exc:  # reported as a problem of this config, not a crash of the whole run
         prof.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -218,6 +371,26 @@ def compile_case(case: AOTCase, cap: int) -> StaticProfile:
     prof.spill_loads = usage["spill_loads"]
     _occupancy(prof)
     return prof
+
+
+def check_against_jit(case: AOTCase, cap: int) -> Dict[str, Any]:
+    """The gate's compile of ``case`` beside the JIT's own compile of the same launcher call
+    (:func:`jit_compile`): their registers, spills and whether the PTX is the same text."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch = record_launch(case.launch, case.fn, case.targets[0])
+    gate = triton.compile(ASTSource(fn=case.fn, signature=launch.signature, constexprs=launch.constexprs,
+                                    attrs=launch.attrs),
+                          target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    jit = jit_compile(case, cap)
+    return {"name": case.name, "cap": cap, "gate": _ptxas_usage(gate.asm["ptx"], cap),
+            "jit": _ptxas_usage(jit.asm["ptx"], cap), "same_ptx": gate.asm["ptx"] == jit.asm["ptx"],
+            "launch": {"signature": {str(k): v for k, v in launch.signature.items()},
+                       "constexprs": {str(k): repr(v) for k, v in launch.constexprs.items()},
+                       "divisible": sorted(str(k) for k, v in launch.attrs.items() if v)}}
 
 
 def collect_cases(modules: Optional[Sequence[str]] = None, core_only: bool = False) -> List[AOTCase]:
@@ -257,7 +430,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             "blocks/SM | warps/SM | problems |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        wg = "yes" if r["wgmma"] else ("no (wanted)" if r["wants_wgmma"] and r["cap"] >= 90 else "no")
+        wg = ("yes " + " ".join(r.get("wgmma_shapes", ()))).strip() if r["wgmma"] else (
+            "no (wanted)" if r["wants_wgmma"] and r["cap"] >= 90 else "no")
         lines.append(
             f"| {r['name']} | {r['cap']} | {r['num_warps']} | {r['num_stages']} | {r['shared']} | "
             f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {wg} | {r['blocks_per_sm']} | "
@@ -272,8 +446,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.add_argument("--core", action="store_true", help="only the cases marked core")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--jit-check", action="append", default=[], metavar="CASE",
+                        help="compare the gate's compile of this case with the JIT's own (JSON lines)")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"
+    if args.jit_check:
+        by_name = {c.name: c for c in collect_cases(args.module)}
+        for name in args.jit_check:
+            for cap in args.cap:
+                print(json.dumps(check_against_jit(by_name[name], cap)))
+        return 0
     jobs = [(i, cap) for i in range(len(collect_cases(args.module, args.core))) for cap in args.cap]
     rows: List[Dict[str, Any]] = []
     if args.jobs > 1:

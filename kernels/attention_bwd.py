@@ -26,13 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import AOTCase, signature_of
+from .aot import AOTCase
 from .attention_fwd import (
     INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, mask_log2, needs_int64, split_lse,
-    with_dropout, dtype_class, head_class,
+    with_dropout, dtype_class, head_class, lse_shape, aot_problem, aot_name, AOT_LENGTHS, NO_MASK,
     AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
 from .interpreter import bf16_rne, needs_bf16_rne
-from .tuning import bucket, pick
+from .tuning import bucket, forced, pick
 
 #: How _attn_bwd_dkdv writes the gradient of a float mask (constexpr MASK_GRAD): not at all; plain
 #: stores (the mask has no broadcast dimension); fp32 atomic adds (broadcast over batch, heads or keys);
@@ -315,13 +315,13 @@ DKDV_CONFIGS = {
                    128: [(32, 64, 8, 2), (16, 64, 8, 2)],
                    256: [(16, 32, 8, 1), (32, 32, 8, 1)]},
          "fp32": {64: [(16, 32, 8, 1)],
-                  128: [(16, 16, 4, 1), (32, 16, 8, 1)],
+                  128: [(16, 16, 8, 1), (32, 16, 8, 1)],
                   256: [(16, 16, 4, 1)]}},
     80: {"16bit": {64: [(16, 32, 4, 2)],
                    128: [(32, 64, 8, 2), (16, 64, 8, 2)],
                    256: [(16, 32, 8, 1)]},
          "fp32": {64: [(32, 32, 4, 1)],
-                  128: [(16, 16, 8, 1)],
+                  128: [(32, 16, 8, 1)],
                   256: [(16, 16, 4, 1)]}},
 }
 DQ_CONFIGS = {
@@ -333,7 +333,7 @@ DQ_CONFIGS = {
                   256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
     80: {"16bit": {64: [(64, 16, 8, 2)],
                    128: [(32, 32, 8, 2)],
-                   256: [(16, 16, 8, 1)]},
+                   256: [(16, 16, 4, 1)]},
          "fp32": {64: [(16, 16, 8, 1)],
                   128: [(16, 16, 4, 1)],
                   256: [(16, 16, 8, 1)]}},
@@ -459,45 +459,47 @@ def _mask_grad_args(dmask: Optional[torch.Tensor], q: torch.Tensor, lk: int):
 DMASK_VARIANT = (True, FLOAT_MASK, False, ",causal,fmask,dmask")
 
 
+def _bwd_launch(dtype, col, shape, kernel, cfg, causal, mask_kind, dropout, mask_grad):
+    """The backward launcher on an AOT problem (attention_fwd.aot_problem), ``kernel``'s tile forced."""
+    def call():
+        q, k, v, mask = aot_problem(dtype, col, shape, mask_kind == FLOAT_MASK)
+        b, h, lq, _ = q.shape
+        lse = torch.empty(lse_shape(b, h, lq, mask is not None), device="meta", dtype=torch.float32)
+        with forced({kernel: cfg}):
+            attention_bwd(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, mask, q.shape[-1] ** -0.5, causal,
+                          0, False, 0.1 if dropout else 0.0, 1, mask_grad)
+    return call
+
+
 def _aot_cases():
     """Every candidate of DKDV_CONFIGS and DQ_CONFIGS in the variants of attention_fwd.AOT_VARIANTS (and
-    dK/dV in DMASK_VARIANT), and the delta pass."""
+    dK/dV in DMASK_VARIANT), and the delta pass, each compiled as the launcher launches it on the
+    aligned AOT problem; the core ones on the unaligned problem too."""
     cases = []
-    for kernel, fn, configs, outs, tile, variants in (
-            ("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, ("DK", "DV"), lambda cfg: cfg,
-             AOT_VARIANTS + (DMASK_VARIANT,)),
-            ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, ("DQ",), with_dropout, AOT_VARIANTS)):
-        for dtype, tname, e, (bm, bn, w, st), variant, first, caps in aot_matrix(configs, tile, variants):
+    for kernel, fn, configs, tile, variants in (
+            ("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS, lambda cfg: cfg, AOT_VARIANTS + (DMASK_VARIANT,)),
+            ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS, with_dropout, AOT_VARIANTS)):
+        for dtype, tname, e, cfg, variant, first, caps in aot_matrix(configs, tile, variants):
             causal, mask_kind, dropout, suffix = variant
+            bm, bn, w, st = cfg
             dot_m = bn if fn is _attn_bwd_dkdv else bm  # rows of the dots' output tiles
-            t = f"*{tname}"
-            ptrs = {"Q": t, "K": t, "V": t, "Mask": t, "DO": t, "Lse": "*fp32", "LseLo": "*fp32",
-                    "Delta": "*fp32"}
-            ptrs.update({o: t for o in outs})
-            const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
-                         MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
-                         BF16_RNE=False, INT64=False)
             core = aot_core(tname, e, causal, dropout, first)
-            if fn is _attn_bwd_dq:
-                ptrs["DeltaOut"] = "*fp32"
-                const["EXACT_DELTA"] = USE_EXACT_DELTA
-            if fn is _attn_bwd_dkdv:
-                ptrs["DMask"] = "*fp32"
-                const["MASK_GRAD"] = MASK_GRAD_ATOMIC if variant is DMASK_VARIANT else NO_MASK_GRAD
-                if variant is DMASK_VARIANT:
-                    core = first and e == 128 and tname != "bf16"
-            floats = ("qk_scale", "sm_scale", "dropout_p", "dropout_scale")
-            budget = SPILL_BUDGETS.get((kernel, "fp32" if tname == "fp32" else "16bit", e, (bm, bn, w, st)), 0)
-            cases.append(AOTCase(f"{kernel}[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", fn,
-                                 signature_of(fn, ptrs, floats), const, num_warps=w,
-                                 num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, dot_m, w),
-                                 core=core, targets=caps, spill_budget=budget))
-    for tname in ("fp16", "fp32"):
+            if variant is DMASK_VARIANT:
+                core = first and e == 128 and tname != "bf16"
+            budget = SPILL_BUDGETS.get((kernel, "fp32" if tname == "fp32" else "16bit", e, cfg), 0)
+            for shape in AOT_LENGTHS if core else ("aligned",):
+                cases.append(AOTCase(aot_name(kernel, tname, e, shape, cfg, suffix), fn,
+                                     launch=_bwd_launch(dtype, e, shape, kernel, cfg, causal, mask_kind, dropout,
+                                                        variant is DMASK_VARIANT),
+                                     num_warps=w, num_stages=st, uses_dot=True,
+                                     expect_wgmma=wgmma_expected(dtype, dot_m, w), core=core, targets=caps,
+                                     spill_budget=budget))
+    for dtype, tname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
         for e in (64, 256):
-            sig = signature_of(_attn_bwd_delta, {"Out": f"*{tname}", "DO": f"*{tname}", "Delta": "*fp32"})
-            cases.append(AOTCase(f"attn_bwd_delta[{tname},E{e},{DELTA_BLOCK_M}]", _attn_bwd_delta, sig,
-                                 dict(HEAD_DIM_V=e, PAD_EV=e, BLOCK_M=DELTA_BLOCK_M, INT64=False), num_warps=DELTA_WARPS,
-                                 num_stages=1))
+            cases.append(AOTCase(f"attn_bwd_delta[{tname},E{e},{DELTA_BLOCK_M}]", _attn_bwd_delta,
+                                 launch=_bwd_launch(dtype, e, "aligned", "attn_bwd_dq", None, False, NO_MASK, False,
+                                                    False),
+                                 num_warps=DELTA_WARPS, num_stages=3))
     return cases
 
 

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import AOTCase, signature_of
+from .aot import AOTCase
 from .interpreter import bf16_rne, interpreting, needs_bf16_rne
-from .tuning import bucket, pick
+from .tuning import bucket, forced, pick
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -169,15 +169,15 @@ INTERPRETER_CONFIG = (32, 32, 4, 1)
 #: capability (90: Hopper and newer, 80: Ampere/Ada), dtype class and padded head size (the wider of
 #: E and Ev). kernels/tuning.py times them on first use and keeps the fastest; the first is the
 #: default when tuning is off. Each is kept for a clean static profile on its target in every variant
-#: (tests/test_compile.py): no register spills and, on sm_90, wgmma for 16-bit dots (BLOCK_M >= 64,
-#: 4+ warps). Not yet timed on a GPU.
+#: (tests/test_compile.py, which compiles each as the launcher launches it): no register spills and,
+#: on sm_90, wgmma for 16-bit dots (BLOCK_M >= 64, 4+ warps). Not yet timed on a GPU.
 FWD_CONFIGS = {
     90: {"16bit": {64: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
                    128: [(64, 32, 8, 2)],
                    256: [(64, 16, 8, 2)]},
          "fp32": {64: [(32, 16, 4, 1), (64, 16, 4, 1), (32, 32, 4, 1)],
                   128: [(16, 16, 4, 1), (16, 32, 4, 1)],
-                  256: [(16, 16, 4, 1), (16, 16, 8, 1)]}},
+                  256: [(16, 16, 4, 1)]}},
     80: {"16bit": {64: [(64, 32, 4, 2), (64, 32, 4, 3)],
                    128: [(64, 32, 8, 2)],
                    256: [(64, 16, 8, 2)]},
@@ -383,23 +383,53 @@ def aot_matrix(configs, dropout_tile=with_dropout, variants=AOT_VARIANTS):
                     yield dtype, tname, e, cfg, variant, cfg in firsts, tuple(on)
 
 
+#: The problems whose launches the compile gate records (kernels/aot.py: a config is compiled as the
+#: launcher launches it on them): "aligned", L = 16384 with the head size of its column (strides and
+#: lengths divisible by 16); "unaligned", L = 1000 with a head size below the column's that is not a
+#: multiple of 16 (masked head dims, unaligned strides: the other specialisation a launch gets).
+AOT_LENGTHS = {"aligned": 16384, "unaligned": 1000}
+AOT_UNALIGNED_HEAD = {64: 40, 128: 72, 256: 136}
+AOT_HEADS = 2
+
+
+def aot_problem(dtype: torch.dtype, col: int, shape: str, float_mask: bool):
+    """(q, k, v, mask) meta tensors (B = 1, Hq = Hk = AOT_HEADS) of one AOT problem (AOT_LENGTHS)
+    for the head-size column ``col``; the mask, if any, a broadcast (1, 1, L, L) float mask."""
+    e = col if shape == "aligned" else AOT_UNALIGNED_HEAD[col]
+    length = AOT_LENGTHS[shape]
+    q, k, v = (torch.empty(1, AOT_HEADS, length, e, device="meta", dtype=dtype) for _ in range(3))
+    mask = torch.empty(1, 1, length, length, device="meta", dtype=dtype) if float_mask else None
+    return q, k, v, mask
+
+
+def aot_name(kernel: str, tname: str, col: int, shape: str, cfg, suffix: str) -> str:
+    bm, bn, w, st = cfg
+    head = f"E{col}" if shape == "aligned" else f"E{AOT_UNALIGNED_HEAD[col]},L{AOT_LENGTHS[shape]}"
+    return f"{kernel}[{tname},{head},{bm}x{bn},w{w},s{st}{suffix}]"
+
+
+def _fwd_launch(dtype, col, shape, cfg, causal, mask_kind, dropout):
+    def call():
+        q, k, v, mask = aot_problem(dtype, col, shape, mask_kind == FLOAT_MASK)
+        with forced({"attn_fwd": cfg}):
+            attention_fwd(q, k, v, mask, q.shape[-1] ** -0.5, causal, 0, False, 0.1 if dropout else 0.0, 1)
+    return call
+
+
 def _aot_cases():
+    """Every forward candidate in every AOT variant, compiled as launched on the aligned problem; the
+    core ones (aot_core) on the unaligned problem too."""
     cases = []
-    for dtype, tname, e, (bm, bn, w, st), variant, first, caps in aot_matrix(FWD_CONFIGS):
+    for dtype, tname, e, cfg, variant, first, caps in aot_matrix(FWD_CONFIGS):
         causal, mask_kind, dropout, suffix = variant
-        t = f"*{tname}"
-        sig = signature_of(_attn_fwd, {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32",
-                                       "LseLo": "*fp32"},
-                           floats=("qk_scale", "dropout_p", "dropout_scale"))
-        const = dict(HEAD_DIM=e, HEAD_DIM_V=e, PAD_E=e, PAD_EV=e, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=causal,
-                     MASK_KIND=mask_kind, HAS_DROPOUT=dropout, DOT_F32=False, INPUT_PRECISION="ieee",
-                     BF16_RNE=False, INT64=False)
-        cases.append(AOTCase(f"attn_fwd[{tname},E{e},{bm}x{bn},w{w},s{st}{suffix}]", _attn_fwd, sig, const,
-                             num_warps=w, num_stages=st, uses_dot=True, expect_wgmma=wgmma_expected(dtype, bm, w),
-                             core=aot_core(tname, e, causal, dropout, first), targets=caps))
-    cases.append(AOTCase("attn_dropout_mask[32x32]", _attn_dropout_mask,
-                         signature_of(_attn_dropout_mask, {"Keep": "*u8"}, floats=("dropout_p",)),
-                         dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=1))
+        core = aot_core(tname, e, causal, dropout, first)
+        for shape in AOT_LENGTHS if core else ("aligned",):
+            cases.append(AOTCase(aot_name("attn_fwd", tname, e, shape, cfg, suffix), _attn_fwd,
+                                 launch=_fwd_launch(dtype, e, shape, cfg, causal, mask_kind, dropout),
+                                 num_warps=cfg[2], num_stages=cfg[3], uses_dot=True,
+                                 expect_wgmma=wgmma_expected(dtype, cfg[0], cfg[2]), core=core, targets=caps))
+    cases.append(AOTCase("attn_dropout_mask[32x32]", _attn_dropout_mask, num_warps=4, num_stages=3,
+                         launch=lambda: dropout_keep_mask(1, 1, AOT_HEADS, 1000, 1000, 0.1, torch.device("meta"))))
     return cases
 
 

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, Hashable, Sequence, Tuple
+import contextlib
+from typing import Callable, Dict, Hashable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import triton
 
-__all__ = ["Config", "bench", "bucket", "clear_cache", "enabled", "pick"]
+__all__ = ["Config", "bench", "bucket", "clear_cache", "enabled", "forced", "pick"]
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 Config = Tuple[int, int, int, int]
 
 _CACHE: Dict[Hashable, Config] = {}
+#: While :func:`forced` is on: the config each kind of launch takes (by the first element of its
+#: key, e.g. "attn_fwd"); kinds not named take their first candidate. Nothing is timed.
+_FORCED: Optional[Dict[str, Config]] = None
 #: Held while candidates are timed: threads that meet a new kind of problem at once time it once, one
 #: after the other, and not while another thread's timing runs on the same GPU (which would skew it).
 _TIMING = threading.RLock()
@@ -64,6 +68,8 @@ def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config],
     with ``cfg`` on the caller's real arguments (so its outputs are overwritten by the caller's own
     launch afterwards). Timed once per key and process; with one candidate, or tuning off, the
     first candidate (also in deterministic mode, see :func:`enabled`)."""
+    if _FORCED is not None:
+        return _forced_choice(key, candidates)
     if len(candidates) == 1 or not enabled(deterministic):
         return candidates[0]
     cfg = _CACHE.get(key)
@@ -81,3 +87,28 @@ def pick(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config],
 def clear_cache() -> None:
     """Forget every choice (the next launch of each kind times its candidates again)."""
     _CACHE.clear()
+
+
+@contextlib.contextmanager
+def forced(choices: Dict[str, Config]) -> Iterator[None]:
+    """Within the block, every :func:`pick` returns the config ``choices`` names for its kind (the
+    first element of its key), or its first candidate, without timing anything. The compile gate
+    (kernels/aot.py) makes the launchers' real calls this way, one candidate at a time. A named
+    config that is not among the launch's candidates is an error: the gate then knows the tables
+    and its cases disagree."""
+    global _FORCED
+    previous, _FORCED = _FORCED, dict(choices)
+    try:
+        yield
+    finally:
+        _FORCED = previous
+
+
+def _forced_choice(key: Hashable, candidates: Sequence[Config]) -> Config:
+    kind = key[0] if isinstance(key, tuple) and key else key
+    cfg = _FORCED.get(kind) if _FORCED is not None else None
+    if cfg is None:
+        return candidates[0]
+    if tuple(cfg) not in [tuple(c) for c in candidates]:
+        raise ValueError(f"forced config {cfg} for {kind} is not one of its candidates {list(candidates)}")
+    return tuple(cfg)

@@ -99,3 +99,39 @@ def test_caps_a_config_is_not_picked_on_only_need_compile_and_fit():
     over = aot.StaticProfile("x", 80, 4, 2, shared=aot.SHARED_LIMIT[80] + 1, shared_limit=aot.SHARED_LIMIT[80],
                              targeted=False)
     assert any("shared memory" in p for p in over.problems())
+
+
+def _first_case(prefix: str) -> str:
+    return next(c.name for c in aot.collect_cases() if c.name.startswith(prefix) and c.core)
+
+
+def test_the_gate_compiles_what_the_jit_compiles():
+    """The gate records a config's launch from the launcher's real call (triton's own binder, through
+    its jit_cache_hook) and compiles that; the JIT, handed the same launch in warm-up mode, compiles
+    the same PTX (so the same registers and spills), aligned and unaligned, forward and backward.
+    The launch specialises what a hand-written all-i32 signature did not: unit strides as constexprs,
+    16-divisible ints and pointers as tt.divisibility=16."""
+    import json
+    import subprocess
+    import sys
+
+    names = [_first_case("attn_fwd[bf16,E128,"), _first_case("attn_fwd[bf16,E72,L1000,"),
+             _first_case("attn_bwd_dq[fp16,E128,"), _first_case("attn_bwd_dkdv[fp16,E72,L1000,")]
+    cmd = [sys.executable, "-m", "attn_fast.kernels.aot", "--cap", "90"]
+    for name in names:
+        cmd += ["--jit-check", name]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == names
+    for r in rows:
+        assert r["same_ptx"], r["name"]
+        assert r["gate"] == r["jit"] and r["gate"]["registers"] > 0, r
+        sig = r["launch"]["signature"]
+        assert sig["stride_qk"] == "constexpr" if "stride_qk" in sig else True, r["name"]
+    aligned, unaligned = rows[0]["launch"], rows[1]["launch"]
+    assert aligned["signature"]["stride_qm"] == "i32" and unaligned["signature"]["stride_qm"] == "i32"
+    position = list(aligned["signature"]).index("stride_qm")
+    assert f"({position},)" in aligned["divisible"]          # 128 elements: divisible by 16
+    assert f"({position},)" not in unaligned["divisible"]    # 72 elements: not
