@@ -30,7 +30,8 @@ from .aot import AOTCase
 from .attention_fwd import (
     INTERPRETER_CONFIG, LOG2E, _dropout_keep, aot_matrix, mask_args, mask_log2, needs_int64, split_lse,
     with_dropout, dtype_class, head_class, lse_shape, aot_problem, aot_name, AOT_LENGTHS, NO_MASK,
-    AOT_VARIANTS, FLOAT_MASK, aot_core, interpreting, pad_head, target_cap, wgmma_expected)
+    AOT_VARIANTS, FLOAT_MASK, UNMASKED_AOT_VARIANTS, aot_core, interpreting, pad_head, target_cap,
+    wgmma_expected)
 from .interpreter import bf16_rne, needs_bf16_rne
 from .tuning import bucket, forced, pick
 
@@ -338,6 +339,24 @@ DQ_CONFIGS = {
                   128: [(16, 16, 4, 1)],
                   256: [(16, 16, 8, 1)]}},
 }
+#: The candidates of calls without a mask, dropout or GQA whose head sizes are exactly their column's
+#: (E = Ev = 64 or 128), where they differ from the tables above: on sm_90 in 16 bits, dK/dV 64x64
+#: with 4 warps (one warpgroup, m64n64/n128 wgmma; 255 registers at E=128, clean) and dQ 64x32 with
+#: 4 warps. A smaller head size (masked head dims) spills at these tiles (dK/dV E=72: 168 B), as do
+#: the mask and dropout variants, so those keep the tables above. Modelled (perfmodel, H100, bf16,
+#: L=16k, E=128): backward 140 -> 425 TFLOP/s (tutorial 283).
+DKDV_CONFIGS_UNMASKED = {90: {"16bit": {64: [(64, 64, 4, 1)], 128: [(64, 64, 4, 1)]}}}
+DQ_CONFIGS_UNMASKED = {90: {"16bit": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)]}}}
+
+
+def unmasked_configs(table, cap: int, dtype: torch.dtype, col: int, e: int, ev: int, plain: bool, general):
+    """The candidates of a call: for one without a mask, dropout or GQA (``plain``) whose head sizes
+    are the column's, ``table``'s (DKDV_CONFIGS_UNMASKED / DQ_CONFIGS_UNMASKED) first, then the
+    ``general`` ones (clean in every variant, for the tuner to weigh on a real GPU); else ``general``."""
+    special = table.get(cap, {}).get(dtype_class(dtype), {}).get(col) if plain and e == ev == col else None
+    return list(dict.fromkeys([*special, *general])) if special else general
+
+
 #: Known spills, bytes, of table entries for which no candidate compiled spill-free on its target in
 #: every variant (fp32 at head size 256, dK/dV: its two 16 x 256 fp32 accumulators plus the recomputed
 #: tiles; tried 16x16 with 2, 4 and 8 warps and 1 or 2 stages). Tolerated by the compile test up to
@@ -387,6 +406,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         cands_kv, cands_q, delta_m = DKDV_CONFIGS[cap][cls][col], DQ_CONFIGS[cap][cls][col], DELTA_BLOCK_M
         if dropout_p > 0.0:  # as the forward: fewer keys per dQ block (dK/dV tiles fit as they are)
             cands_q = list(dict.fromkeys(with_dropout(c) for c in cands_q))
+        plain = mask is None and dropout_p == 0.0 and hk == h  # the gate compiles these tiles without GQA
+        cands_kv = unmasked_configs(DKDV_CONFIGS_UNMASKED, cap, q.dtype, col, e, ev, plain, cands_kv)
+        cands_q = unmasked_configs(DQ_CONFIGS_UNMASKED, cap, q.dtype, col, e, ev, plain, cands_q)
 
     mask_kind, mask_arg, ms = mask_args(mask, q, lk)
     lse_hi, lse_lo = split_lse(lse)
@@ -494,6 +516,17 @@ def _aot_cases():
                                      num_warps=w, num_stages=st, uses_dot=True,
                                      expect_wgmma=wgmma_expected(dtype, dot_m, w), core=core, targets=caps,
                                      spill_budget=budget))
+    for kernel, fn, configs in (("attn_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS_UNMASKED),
+                                ("attn_bwd_dq", _attn_bwd_dq, DQ_CONFIGS_UNMASKED)):
+        for dtype, tname, e, cfg, variant, first, caps in aot_matrix(configs, variants=UNMASKED_AOT_VARIANTS):
+            causal, mask_kind, dropout, suffix = variant
+            dot_m = cfg[1] if fn is _attn_bwd_dkdv else cfg[0]
+            core = first and causal
+            for shape in ("aligned", "ragged") if core else ("aligned",):
+                cases.append(AOTCase(aot_name(kernel, tname, e, shape, cfg, suffix), fn,
+                                     launch=_bwd_launch(dtype, e, shape, kernel, cfg, causal, mask_kind, dropout, False),
+                                     num_warps=cfg[2], num_stages=cfg[3], uses_dot=True,
+                                     expect_wgmma=wgmma_expected(dtype, dot_m, cfg[2]), core=core, targets=caps))
     for dtype, tname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
         for e in (64, 256):
             cases.append(AOTCase(f"attn_bwd_delta[{tname},E{e},{DELTA_BLOCK_M}]", _attn_bwd_delta,

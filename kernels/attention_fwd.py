@@ -187,7 +187,7 @@ FWD_CONFIGS = {
 }
 
 
-#: The candidates of the variants without a mask or dropout (plain and causal), where they differ
+#: The candidates of the variants without a mask, dropout or GQA (plain and causal), where they differ
 #: from FWD_CONFIGS: on sm_90 in 16 bits, BLOCK_M = 128, so each of the two warpgroups owns 64 rows of
 #: its own (no score tile computed twice) and both dots run as m64n64+ wgmma. Compiled as launched
 #: (aligned and unaligned problems) they are clean: at E=128, 128x128 w8 uses 241 registers aligned
@@ -328,8 +328,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
 
     key = ("attn_fwd", q.device, q.dtype, tuple(sorted(flags.items())), bucket(lq), bucket(lk), bucket(b * h))
-    launch(pick(key, launch_configs(q, pad_e, pad_ev, dropout_p > 0.0, mask_kind != NO_MASK), launch,
-                deterministic=deterministic))
+    # the unmasked tiles are compiled (kernels/aot.py) without GQA, whose GROUP is not a constant 1
+    special = mask_kind != NO_MASK or hk != h
+    launch(pick(key, launch_configs(q, pad_e, pad_ev, dropout_p > 0.0, special), launch, deterministic=deterministic))
     return out, lse
 
 
@@ -411,8 +412,10 @@ def aot_matrix(configs, dropout_tile=with_dropout, variants=AOT_VARIANTS):
 #: The problems whose launches the compile gate records (kernels/aot.py: a config is compiled as the
 #: launcher launches it on them): "aligned", L = 16384 with the head size of its column (strides and
 #: lengths divisible by 16); "unaligned", L = 1000 with a head size below the column's that is not a
-#: multiple of 16 (masked head dims, unaligned strides: the other specialisation a launch gets).
+#: multiple of 16 (masked head dims, unaligned strides: the other specialisation a launch gets);
+#: "ragged", L = 1000 with the column's head size (for tables that only serve that head size).
 AOT_LENGTHS = {"aligned": 16384, "unaligned": 1000}
+RAGGED_LENGTH = 1000
 AOT_UNALIGNED_HEAD = {64: 40, 128: 72, 256: 136}
 AOT_HEADS = 2
 
@@ -420,8 +423,8 @@ AOT_HEADS = 2
 def aot_problem(dtype: torch.dtype, col: int, shape: str, float_mask: bool):
     """(q, k, v, mask) meta tensors (B = 1, Hq = Hk = AOT_HEADS) of one AOT problem (AOT_LENGTHS)
     for the head-size column ``col``; the mask, if any, a broadcast (1, 1, L, L) float mask."""
-    e = col if shape == "aligned" else AOT_UNALIGNED_HEAD[col]
-    length = AOT_LENGTHS[shape]
+    e = AOT_UNALIGNED_HEAD[col] if shape == "unaligned" else col
+    length = RAGGED_LENGTH if shape == "ragged" else AOT_LENGTHS[shape]
     q, k, v = (torch.empty(1, AOT_HEADS, length, e, device="meta", dtype=dtype) for _ in range(3))
     mask = torch.empty(1, 1, length, length, device="meta", dtype=dtype) if float_mask else None
     return q, k, v, mask
@@ -429,7 +432,8 @@ def aot_problem(dtype: torch.dtype, col: int, shape: str, float_mask: bool):
 
 def aot_name(kernel: str, tname: str, col: int, shape: str, cfg, suffix: str) -> str:
     bm, bn, w, st = cfg
-    head = f"E{col}" if shape == "aligned" else f"E{AOT_UNALIGNED_HEAD[col]},L{AOT_LENGTHS[shape]}"
+    head = {"aligned": f"E{col}", "unaligned": f"E{AOT_UNALIGNED_HEAD[col]},L{AOT_LENGTHS['unaligned']}",
+            "ragged": f"E{col},L{RAGGED_LENGTH}"}[shape]
     return f"{kernel}[{tname},{head},{bm}x{bn},w{w},s{st}{suffix}]"
 
 
