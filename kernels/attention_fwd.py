@@ -195,8 +195,8 @@ FWD_CONFIGS = {
 #: (1.4 KB at 128x64, E=128 unaligned, with a float mask) and keep FWD_CONFIGS. Modelled (perfmodel,
 #: H100, bf16 L=16k): E128 forward 285 -> 565 TFLOP/s, causal 284 -> 490, E64 480 -> 660.
 FWD_CONFIGS_UNMASKED = {
-    90: {"16bit": {64: [(128, 64, 8, 2), (64, 32, 4, 2)],
-                   128: [(128, 128, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)]}},
+    90: {"16bit": {64: [(128, 64, 8, 2)],
+                   128: [(128, 128, 8, 2), (128, 64, 8, 2)]}},
 }
 
 
@@ -225,13 +225,12 @@ def with_dropout(cfg: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
 def gpu_configs(pad_e: int, pad_ev: int, dtype: torch.dtype, dropout: bool = False,
                 cap: int = 90, masked: bool = True) -> List[Tuple[int, int, int, int]]:
     """The forward's tile candidates on an sm_<cap> GPU: FWD_CONFIGS, in their dropout form if
-    ``dropout``; FWD_CONFIGS_UNMASKED where it has an entry for a call without a mask or dropout."""
+    ``dropout``; for a call without a mask, dropout or GQA (``masked=False``), FWD_CONFIGS_UNMASKED's
+    entry first where it has one, then FWD_CONFIGS' (clean in every variant, for the tuner)."""
     cls, col = dtype_class(dtype), head_class(pad_e, pad_ev)
-    if not masked and not dropout:
-        unmasked = FWD_CONFIGS_UNMASKED.get(cap, {}).get(cls, {}).get(col)
-        if unmasked:
-            return list(unmasked)
     cfgs = FWD_CONFIGS[cap][cls][col]
+    if not masked and not dropout:
+        return _unique([*FWD_CONFIGS_UNMASKED.get(cap, {}).get(cls, {}).get(col, []), *cfgs])
     return _unique([with_dropout(c) for c in cfgs]) if dropout else list(cfgs)
 
 
