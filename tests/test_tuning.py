@@ -118,3 +118,18 @@ def test_launchers_tune_over_their_candidates_and_stay_exact(monkeypatch):
     assert len(fake.calls) == 6  # forward, dK/dV, dQ: two candidates each
     chosen = set(tuning._CACHE.values())
     assert chosen == {(16, 16, 4, 1)} and len(tuning._CACHE) == 3
+
+
+def test_forced_picks_without_timing_and_rejects_a_stranger(monkeypatch):
+    """tuning.forced (the compile gate's way of making each launcher launch one candidate): the named
+    kind gets its config, other kinds their first candidate, nothing is timed, and a config that is
+    not a candidate is an error; the previous state comes back on exit."""
+    monkeypatch.setattr(tuning, "bench", lambda fn: pytest.fail("forced picks must not time anything"))
+    monkeypatch.setenv("ATTN_FAST_AUTOTUNE", "1")
+    cands = [(64, 32, 4, 2), (128, 64, 8, 2)]
+    with tuning.forced({"attn_fwd": (128, 64, 8, 2)}):
+        assert tuning.pick(("attn_fwd", "key"), cands, lambda c: None) == (128, 64, 8, 2)
+        assert tuning.pick(("attn_bwd_dq", "key"), cands, lambda c: None) == (64, 32, 4, 2)
+        with pytest.raises(ValueError, match="not one of its candidates"):
+            tuning.pick(("attn_fwd", "other"), [(64, 32, 4, 2)], lambda c: None)
+    assert tuning._FORCED is None
