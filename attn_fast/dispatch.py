@@ -166,23 +166,24 @@ def route(op: str, device: torch.device, dtype: torch.dtype, unsupported: Option
         return _FORCED_REFERENCE
     if dtype == torch.float64:
         return _FLOAT64
-    if device.type == "cuda":
+    kind = device.type
+    if kind == "cuda":
         where = "CUDA tensor"
-    elif device.type == "cpu" and interpreter_enabled() and backend != "cpu":
+    elif kind == "cpu" and interpreter_enabled() and backend != "cpu":
         where = "CPU tensor under the Triton interpreter"
     elif backend == "triton":
         raise RuntimeError(
-            f"{op}: backend 'triton' cannot run {device.type} tensors: use CUDA tensors, or set "
+            f"{op}: backend 'triton' cannot run {kind} tensors: use CUDA tensors, or set "
             "TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU")
     else:
         if not CPU_PATHS[op]:
-            if device.type == "cpu":
+            if kind == "cpu":
                 return _CPU_REFERENCE[op]
-            return Route("reference", f"{device.type} tensor: the CPU path of {op} is the reference")
+            return Route("reference", f"{kind} tensor: the CPU path of {op} is the reference")
         transform = autograd_unsupported(tensors)  # torch's fused CPU kernels have no forward-mode AD
         if transform is not None:
-            return Route("reference", f"{device.type} tensor under {transform}: the reference")
-        return _CPU_PATH if device.type == "cpu" else Route("cpu", f"{device.type} tensor: the CPU path")
+            return Route("reference", f"{kind} tensor under {transform}: the reference")
+        return _CPU_PATH if kind == "cpu" else Route("cpu", f"{kind} tensor: the CPU path")
     if unsupported is None:
         unsupported = autograd_unsupported(tensors)
     if not OPS[op]:

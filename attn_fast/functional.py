@@ -394,6 +394,49 @@ def efficient_channel_attention(x: Tensor, conv_weight: Tensor, *, gate: str = "
     return ops.squeeze_excite.efficient_channel_attention(x, conv_weight, gate)
 
 
+def _ordinary_cbam(x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation, gate,
+                   channel_gate, light, spatial_order, bn_weight, bn_bias, bn_running_mean, bn_running_var,
+                   bn_training, bn_momentum, bn_eps) -> bool:
+    """Whether a CBAM call is valid as it is, by a few comparisons (as _ordinary_squeeze_excite; the
+    full checks give the errors of every other call)."""
+    if not (type(x) is Tensor and x.dim() == 4 and x.dtype in _FAST_DTYPES and (light is True or light is False)
+            and (bn_training is True or bn_training is False) and type(activation) is str and activation in ACTIVATIONS
+            and type(gate) is str and gate in GATES and type(spatial_order) is str and spatial_order in SPATIAL_ORDERS
+            and (channel_gate is None or (type(channel_gate) is str and channel_gate in GATES))
+            and type(bn_momentum) is float and 0.0 <= bn_momentum <= 1.0
+            and type(bn_eps) is float and math.isfinite(bn_eps) and bn_eps >= 0.0):
+        return False
+    n, c, h, w = x.shape
+    if c < 1 or h * w < 1 or not (isinstance(fc1_weight, Tensor) and isinstance(fc2_weight, Tensor)
+                                  and isinstance(conv_weight, Tensor)):
+        return False
+    dtype, device = x.dtype, x.device
+    cr = fc1_weight.shape[0] if fc1_weight.dim() in (2, 4) else 0
+    for weight, shape in ((fc1_weight, (cr, c)), (fc2_weight, (c, cr))):
+        if weight.dtype != dtype or weight.device != device or weight.shape[:2] != shape or cr < 1:
+            return False
+        if weight.dim() != 2 and (weight.dim() != 4 or weight.shape[2] != 1 or weight.shape[3] != 1):
+            return False
+    k = conv_weight.shape[-1]
+    if (conv_weight.dtype != dtype or conv_weight.device != device or k % 2 == 0
+            or tuple(conv_weight.shape) != (1, 1 if light else 2, k, k)):
+        return False
+    for bias, size in ((fc1_bias, cr), (fc2_bias, c), (conv_bias, 1)):
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == size
+                                     and bias.dtype == dtype and bias.device == device):
+            return False
+    state = (bn_weight, bn_bias, bn_running_mean, bn_running_var)
+    for t in state:
+        if t is not None and not (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == 1
+                                  and t.dtype in FLOAT_DTYPES and t.device == device):
+            return False
+    if (bn_running_mean is None) != (bn_running_var is None):
+        return False
+    if bn_running_mean is None and bn_weight is not None and not bn_training:
+        return False
+    return not (bn_training and (bn_weight is not None or bn_running_mean is not None) and n * h * w <= 1)
+
+
 def cbam(
     x: Tensor,
     fc1_weight: Tensor,
@@ -431,6 +474,14 @@ def cbam(
             var (1,), any float dtype (fp32 state with a 16-bit x, as under autocast); ``bn_training=True``
             uses batch statistics and updates the running ones.
     """
+    if _ordinary_cbam(x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation, gate,
+                      channel_gate, light, spatial_order, bn_weight, bn_bias, bn_running_mean, bn_running_var,
+                      bn_training, bn_momentum, bn_eps):
+        return ops.cbam.cbam(
+            x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, activation=activation, gate=gate,
+            channel_gate=channel_gate, light=light, spatial_order=spatial_order, bn_weight=bn_weight, bn_bias=bn_bias,
+            bn_running_mean=bn_running_mean, bn_running_var=bn_running_var, bn_training=bn_training,
+            bn_momentum=float(bn_momentum), bn_eps=float(bn_eps))
     fn = "cbam"
     _check_image(fn, x, max_pool=True)
     c = x.shape[1]

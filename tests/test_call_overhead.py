@@ -218,3 +218,66 @@ def test_se_module_shortcut_outside_autocast_and_casts_under_it(cpu_path):
     assert y.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="channels"):
         m(rand(2, 11, 5, 3))
+
+
+def test_ordinary_cbam_skips_the_checks_and_matches_them(full_checks, monkeypatch):
+    x = rand(2, 12, 5, 3)
+    inputs = dict(x=x, fc1_weight=rand(4, 12, 1, 1, scale=0.5), fc2_weight=rand(12, 4, 1, 1, scale=0.5),
+                  conv_weight=rand(1, 2, 3, 3, scale=0.3), bn_weight=torch.ones(1), bn_bias=torch.zeros(1),
+                  bn_running_mean=torch.zeros(1), bn_running_var=torch.ones(1))
+    fast = attn_fast.cbam(**inputs)
+    assert full_checks == []
+    monkeypatch.setattr(functional, "_ordinary_cbam", lambda *a: False)
+    slow = attn_fast.cbam(**inputs)
+    assert full_checks == ["image"]
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("case,error", [
+    ("conv shape", ValueError), ("even kernel", ValueError), ("bn shape", ValueError), ("one running stat", ValueError),
+    ("eval without stats", ValueError), ("momentum", ValueError), ("light conv", ValueError), ("order", ValueError),
+])
+def test_invalid_cbam_calls_still_get_the_errors(case, error):
+    inputs = dict(x=rand(2, 12, 5, 3), fc1_weight=rand(4, 12), fc2_weight=rand(12, 4), conv_weight=rand(1, 2, 3, 3))
+    if case == "conv shape":
+        inputs["conv_weight"] = rand(1, 3, 3, 3)
+    elif case == "even kernel":
+        inputs["conv_weight"] = rand(1, 2, 4, 4)
+    elif case == "bn shape":
+        inputs.update(bn_weight=torch.ones(2), bn_running_mean=torch.zeros(1), bn_running_var=torch.ones(1))
+    elif case == "one running stat":
+        inputs["bn_running_mean"] = torch.zeros(1)
+    elif case == "eval without stats":
+        inputs["bn_weight"] = torch.ones(1)
+    elif case == "momentum":
+        inputs.update(bn_momentum=1.5)
+    elif case == "light conv":
+        inputs["light"] = True
+    elif case == "order":
+        inputs["spatial_order"] = "avg_max"
+    with pytest.raises(error, match="cbam"):
+        attn_fast.cbam(**inputs)
+
+
+def test_se_module_plan_follows_the_module(cpu_path):
+    """The SE modules look their submodules and names up once, and again after any attribute is set:
+    a new activation, a new fc, a dtype change and new weights all show in the next call."""
+    m = attn_fast.nn.SEModule(12, rd_channels=4).eval()
+    x = rand(2, 12, 5, 3)
+
+    def want(act="relu"):
+        return reference.squeeze_excite(x.to(m.fc1.weight.dtype), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias,
+                                        activation=act)
+
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want())
+        m.act = torch.nn.SiLU()
+        torch.testing.assert_close(m(x), want("silu"))
+        m.fc1 = torch.nn.Conv2d(12, 4, 1)
+        torch.testing.assert_close(m(x), want("silu"))
+        m.fc2.weight.mul_(2.0)
+        torch.testing.assert_close(m(x), want("silu"))
+        m.fc2.weight = torch.nn.Parameter(torch.randn(12, 4, 1, 1))
+        torch.testing.assert_close(m(x), want("silu"))
+        m.double()
+        torch.testing.assert_close(m(x.double()), want("silu"))

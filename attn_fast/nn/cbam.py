@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._validate import check_bool, check_positive_int
-from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_off, cast_for_autocast,
+from ._layers import (ActivationSpec, UnsupportedLayerError, activation_name, autocast_enabled, autocast_off,
+                      cast_for_autocast,
                       check_input, check_pointwise_conv, gate_name, make_activation, make_divisible)
 from .squeeze_excite import _adopt, _original_forward
 
@@ -43,6 +44,11 @@ def _cbam(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight:
     dtype) and the fused op, with autocast off inside it. A module-level function so that torch.fx
     records it as one call (``torch.fx.wrap`` below): symbolic tracing sees Proxies, not tensors, and
     the checks and BatchNorm's bookkeeping run when the graph runs."""
+    if (type(x) is Tensor and x.dim() == 4 and x.dtype == fc1_weight.dtype and x.device == fc1_weight.device
+            and x.shape[1] == fc1_weight.shape[1] and not autocast_enabled(x)):
+        # the common call (a per-call cost on small maps): nothing to cast, no autocast to turn off
+        return functional.cbam(x, fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias, **config,
+                               **_bn_arguments(bn))
     check_input("CBAM", "x", x, fc1_weight, ndims=(4,), legend="(N, C, H, W)", channels=fc1_weight.shape[1])
     weights = [cast_for_autocast(w, x) for w in (fc1_weight, fc2_weight, conv_weight, fc1_bias, fc2_bias, conv_bias)]
     bn_arguments = _bn_arguments(bn)

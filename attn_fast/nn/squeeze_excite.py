@@ -87,6 +87,16 @@ def _adopt(cls, m: nn.Module, **children: nn.Module):
     return new
 
 
+def _param(m: nn.Module, name: str) -> Optional[Tensor]:
+    """``m.<name>``: its registered parameter by a dict lookup (nn.Module's attribute lookup is the
+    slow path), else the attribute (a parametrization's property, a buffer, a plain tensor)."""
+    found = m._parameters.get(name, _MISSING)
+    return getattr(m, name, None) if found is _MISSING else found
+
+
+_MISSING = object()
+
+
 class _SqueezeExciteBase(nn.Module):
     """Shared forward: subclasses say where fc1/fc2 (and the norm) are and which activation, gate
     and pooling they use."""
@@ -100,10 +110,26 @@ class _SqueezeExciteBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        fc1, fc2, norm = self._fcs()
-        act, gate = self._names()
-        return _squeeze_excite(type(self).__name__, x, fc1.weight, fc1.bias, None if fc2 is None else fc2.weight,
-                               None if fc2 is None else fc2.bias, norm, act, gate, self.pool)
+        # the submodules and names, looked up once (nn.Module attribute access costs ~0.4 us a name,
+        # a per-call cost on small maps) and again after any attribute of this module is set
+        plan = None if torch.compiler.is_compiling() else self.__dict__.get("_plan")
+        if plan is None:
+            plan = (*self._fcs(), *self._names())
+            if not torch.compiler.is_compiling():
+                self.__dict__["_plan"] = plan
+        fc1, fc2, norm, act, gate = plan
+        # the parameters are read on every call (.to(), load_state_dict, a new Parameter replace them)
+        return _squeeze_excite(type(self).__name__, x, _param(fc1, "weight"), _param(fc1, "bias"),
+                               None if fc2 is None else _param(fc2, "weight"),
+                               None if fc2 is None else _param(fc2, "bias"), norm, act, gate, self.pool)
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__.pop("_plan", None)  # a submodule or an option may change: look them up again
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop("_plan", None)
+        super().__delattr__(name)
 
     def extra_repr(self) -> str:
         act, gate = self._names()
