@@ -47,6 +47,65 @@ def mask_log2(mv):
     return tl.where((m2 == float("-inf")) & (mv != float("-inf")), -_FLT_MAX, m2)
 
 
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, offs_dv, m_valid,
+               stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, Lq, Lk, qk_scale, causal_offset,
+               dropout_p, dropout_scale, dropout_seed, off_bh,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_E: tl.constexpr, PAD_EV: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key block (keys start_n ..) of _attn_fwd's online softmax: returns the updated (acc, l_i,
+    m_i). ``MASKED``: the block may hold keys past Lk or past a row's causal diagonal, or a mask tensor
+    applies (bounds, causal and mask ``keep`` with a ``where``); else every key is visible to every row
+    (only head dims beyond HEAD_DIM are masked in the loads)."""
+    cols = start_n + offs_n
+    if MASKED:
+        n_valid = cols < Lk
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                    mask=n_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    elif PAD_E == HEAD_DIM:
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk)
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                    mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+    if MASKED:
+        keep = m_valid[:, None] & n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if MASK_KIND == 1:
+            mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0)
+            keep = keep & (mv != 0)
+        if MASK_KIND == 2:
+            s = s + mask_log2(tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0.0))
+        s = tl.where(keep, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif PAD_EV == HEAD_DIM_V:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    if HAS_DROPOUT:  # the row sum above is taken before dropout, as softmax comes first
+        p = tl.where(_dropout_keep(dropout_seed, off_bh, offs_m, cols, Lq, Lk, dropout_p), p * dropout_scale, 0.0)
+    if DOT_F32:
+        v = v.to(tl.float32)
+        p_op = p
+    else:
+        p_op = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
 # One program computes BLOCK_M query rows of one (batch, query head): it streams the key/value rows
 # of its kv head in BLOCK_N blocks (stopping at the causal diagonal), keeping a running max and
 # running sum per row (online softmax, base 2 with log2(e) folded into the scale).
@@ -73,6 +132,7 @@ def _attn_fwd(
     INPUT_PRECISION: tl.constexpr,    # "ieee" for fp32 inputs unless tf32 is allowed
     BF16_RNE: tl.constexpr = False,   # round the bf16 output to nearest (the interpreter truncates)
     INT64: tl.constexpr = False,      # 64-bit index arithmetic (a tensor spans 2**31 elements or more)
+    EVEN_N: tl.constexpr = False,     # Lk % BLOCK_N == 0: no partial key block
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and PAD_E >= 16 and PAD_EV >= 16)
     start_m = tl.program_id(0)
@@ -106,40 +166,27 @@ def _attn_fwd(
     if IS_CAUSAL:
         # keys past the last row's diagonal are invisible to the whole block
         hi = tl.minimum(Lk, tl.maximum(0, (start_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < Lk
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk,
-                    mask=n_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
-        keep = m_valid[:, None] & n_valid[None, :]
+    # Without a mask tensor, the key blocks every row of this block sees whole (in range, and for causal
+    # left of the first row's diagonal) run without bounds or causal masking; the rest (the diagonal
+    # band and the last partial block) run masked. The blocks and their order are the same either way.
+    lo = 0
+    if MASK_KIND == 0:
+        lo = Lk if EVEN_N else (Lk // BLOCK_N) * BLOCK_N
         if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if MASK_KIND == 1:
-            mv = tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0)
-            keep = keep & (mv != 0)
-        if MASK_KIND == 2:
-            s = s + mask_log2(tl.load(mask_base + cols[None, :] * stride_mn, mask=keep, other=0.0))
-        s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
-                    mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        if HAS_DROPOUT:  # the row sum above is taken before dropout, as softmax comes first
-            p = tl.where(_dropout_keep(dropout_seed, off_bh, offs_m, cols, Lq, Lk, dropout_p), p * dropout_scale, 0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
-            p_op = p
-        else:
-            p_op = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+            lo = tl.minimum(lo, (tl.maximum(0, start_m * BLOCK_M + causal_offset + 1) // BLOCK_N) * BLOCK_N)
+        for start_n in range(0, lo, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, offs_dv, m_valid,
+                stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, Lq, Lk, qk_scale, causal_offset,
+                dropout_p, dropout_scale, dropout_seed, off_bh, HEAD_DIM, HEAD_DIM_V, PAD_E, PAD_EV, IS_CAUSAL,
+                MASK_KIND, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, False)
+    if MASK_KIND != 0 or IS_CAUSAL or not EVEN_N:  # (else every block ran above)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, offs_dv, m_valid,
+                stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, Lq, Lk, qk_scale, causal_offset,
+                dropout_p, dropout_scale, dropout_seed, off_bh, HEAD_DIM, HEAD_DIM_V, PAD_E, PAD_EV, IS_CAUSAL,
+                MASK_KIND, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, True)
 
     alive = l_i != 0.0  # 0: every key masked out (a dead row); NaN: a NaN score, which must propagate
     out = acc / tl.where(alive, l_i, 1.0)[:, None]
@@ -324,7 +371,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
             *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             h, h // hk, lq, lk, scale * LOG2E, causal_offset,
             dropout_p, 1.0 / (1.0 - dropout_p), dropout_seed,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
+            BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=lk % block_n == 0, num_warps=warps, num_stages=stages,
+            **flags)
 
     key = ("attn_fwd", q.device, q.dtype, tuple(sorted(flags.items())), bucket(lq), bucket(lk), bucket(b * h))
     # the unmasked tiles are compiled (kernels/aot.py) without GQA, whose GROUP is not a constant 1
