@@ -12,7 +12,10 @@
 #       cbam            CBAM layers of CBAM-ResNet50
 #       models          whole-model training steps in bf16 autocast, converted vs original (eager, compiled)
 #       pytest-bench    the pytest-benchmark files (`pytest bench/ --benchmark-only`)
-#       quick           `python -m bench --quick` (a few shapes of everything: a first look)
+#       quick           the headline figures in one call of under 8 minutes (each step time-boxed):
+#                       the GPU test suite without the slow compile matrix (180 s), attention bf16
+#                       fwd and bwd at E=64/128, L=1k/4k/16k, causal and not, against every torch
+#                       SDPA backend and FlexAttention (200 s), one SE and one CBAM shape (45 s each)
 #
 # Each part is meant to fit one 10-minute call of a lent machine; extra arguments after `--` go to
 # `python -m bench` (say `-- --rep-ms 50`). Uses the python that imports torch and triton (tools/ensure_env.sh).
@@ -49,7 +52,14 @@ run_part() {
     models)         "$PY" -m bench --ops model --dtypes bf16 --tag models --profile none "${extra[@]}" ;;
     pytest-bench)   "$PY" -m pytest -q bench/ --benchmark-only --benchmark-json="$results/$stamp-pytest-bench.json" \
                       2>&1 | tee "$results/$stamp-pytest-bench.log" ;;
-    quick)          "$PY" -m bench --quick --tag quick "${extra[@]}" ;;
+    quick)
+      timeout 180 "$PY" -m pytest -q tests 2>&1 | tee "$results/$stamp-quick-tests.log"
+      timeout 200 "$PY" -m bench --quick --families attention --dtypes bf16 --directions fwd bwd \
+        --profile none --no-plots --tag quick-attention "${extra[@]}"
+      timeout 45 "$PY" -m bench --quick --families se --match "seresnet50 N64 C256 56x56 Cr16 nchw" \
+        --dtypes bf16 --profile none --no-plots --tag quick-se "${extra[@]}"
+      timeout 45 "$PY" -m bench --quick --families cbam --match "cbam_resnet50 N64 C256 56x56 Cr16 nchw" \
+        --dtypes bf16 --profile none --no-plots --tag quick-cbam "${extra[@]}" ;;
     *) echo "unknown part $part" >&2; return 2 ;;
   esac
 }
