@@ -132,6 +132,9 @@ class StaticProfile:
     #: the warpgroup MMA shapes in the sm_90 PTX, e.g. "m64n64k16" (N < 64 feeds the tensor cores
     #: poorly)
     wgmma_shapes: List[str] = field(default_factory=list)
+    #: SASS instructions per iteration of each innermost loop that holds tensor-core MMAs (HGMMA on
+    #: sm_90, HMMA on sm_80), from cuobjdump: the non-MMA work a main-loop iteration issues
+    sass_per_loop: List[int] = field(default_factory=list)
     wants_wgmma: bool = False
     #: a launcher may pick this config on this cap (else it only has to compile and fit)
     targeted: bool = True
@@ -198,6 +201,34 @@ def _ptxas_usage(ptx: str, cap: int) -> Dict[str, int]:
         "spill_stores": grab(r"(\d+) bytes spill stores"),
         "spill_loads": grab(r"(\d+) bytes spill loads"),
     }
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def _sass_loops(cubin: bytes, cap: int) -> List[int]:
+    """Instruction counts of the innermost loops (a backward branch to an earlier address, no EXIT
+    inside) that hold an HGMMA or HMMA, from ``cuobjdump -sass`` of ``cubin``; [] without the tool."""
+    tool = os.path.join(os.path.dirname(_ptxas_path(cap)), "cuobjdump")
+    if not os.path.exists(tool):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in map(_SASS_LINE.search, res.stdout.splitlines()) if m]
+    index = {address: i for i, (address, _) in enumerate(code)}
+    loops = []
+    for i, (address, text) in enumerate(code):
+        target = re.search(r"\bBRA\s+(?:`?\()?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index:
+            body = code[index[int(target.group(1), 16)]:i + 1]
+            ops = [t.split()[1] if t.startswith("@") else t.split()[0] for _, t in body]
+            if any(op.startswith(("HGMMA", "HMMA")) for op in ops) and "EXIT" not in ops:
+                loops.append((index[int(target.group(1), 16)], i))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [b - a + 1 for a, b in innermost]
 
 
 def _occupancy(p: StaticProfile) -> None:
@@ -363,6 +394,7 @@ def compile_case(case: AOTCase, cap: int) -> StaticProfile:
         prof.wgmma_shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
                                    key=lambda m: [int(x) for x in re.findall(r"\d+", m)])
         usage = _ptxas_usage(ptx, cap)
+        prof.sass_per_loop = _sass_loops(compiled.asm["cubin"], cap) if case.uses_dot else []
     except Exception as exc:  # reported as a problem of this config, not a crash of the whole run
         prof.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         return prof
@@ -426,7 +458,7 @@ def profile_in_subprocess(modules: Optional[Sequence[str]] = None, caps: Sequenc
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of static profiles (kernel, config, shared, registers, spills, wgmma, occupancy)."""
-    head = ("| kernel config | sm | warps | stages | shared B | regs/thread | spills B | wgmma | "
+    head = ("| kernel config | sm | warps | stages | shared B | regs/thread | spills B | wgmma | SASS/loop | "
             "blocks/SM | warps/SM | problems |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -434,7 +466,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             "no (wanted)" if r["wants_wgmma"] and r["cap"] >= 90 else "no")
         lines.append(
             f"| {r['name']} | {r['cap']} | {r['num_warps']} | {r['num_stages']} | {r['shared']} | "
-            f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {wg} | {r['blocks_per_sm']} | "
+            f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {wg} | "
+            f"{' '.join(map(str, r.get('sass_per_loop', ()))) or '-'} | {r['blocks_per_sm']} | "
             f"{r['warps_per_sm']} | {'; '.join(r['problems']) or ('-' if r.get('targeted', True) else 'not picked here')} |")
     return "\n".join(lines)
 

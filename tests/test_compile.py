@@ -69,6 +69,15 @@ def test_harness_sees_wgmma_in_a_hopper_matmul(probe_profiles):
     assert 0 < sm90["registers"] <= 255 and sm90["blocks_per_sm"] >= 1
 
 
+def test_harness_counts_sass_per_mma_loop(probe_profiles):
+    """The profile's SASS/loop: one innermost tensor-core loop in the probe matmul on both caps (its
+    K loop), none in a kernel without a dot."""
+    for cap in CAPS:
+        loops = probe_profiles[("probe_matmul[128x128x64,w8,s3]", cap)]["sass_per_loop"]
+        assert len(loops) == 1 and 50 < loops[0] < 5000, loops
+        assert probe_profiles[("probe_copy[1024,w4]", cap)]["sass_per_loop"] == []
+
+
 def test_harness_reports_registers_and_occupancy(probe_profiles):
     for cap in CAPS:
         row = probe_profiles[("probe_copy[1024,w4]", cap)]
