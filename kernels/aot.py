@@ -354,40 +354,48 @@ def _clear_jit_cache(fn: Any, cap: int) -> None:
         del caches[cap]
 
 
-def jit_compile(case: AOTCase, cap: int) -> Any:
+def jit_compile(case: AOTCase, cap: int, launch: Optional[Launch] = None) -> Any:
     """The CompiledKernel the JIT itself makes, as on an sm_<cap> GPU, for ``case``'s launch of
-    ``case.fn``: the launcher's own arguments (recorded by :func:`record_launch`) handed to
-    ``JITFunction.run`` in warm-up mode, which binds, specialises and compiles but launches nothing.
-    The test of the gate compares this with the gate's compile."""
-    args, kwargs = record_launch(case.launch, case.fn, case.targets[0]).call_args
+    ``case.fn``: the launcher's own arguments (``launch``, else recorded by :func:`record_launch`)
+    handed to ``JITFunction.run`` in warm-up mode, which binds, specialises and compiles but launches
+    nothing. The test of the gate compares this with the gate's compile."""
+    args, kwargs = (launch or record_launch(case.launch, case.fn, case.targets[0])).call_args
     with _AsGPU(cap):
         _clear_jit_cache(case.fn, cap)
         return case.fn.run(*args, grid=(1,), warmup=True, **kwargs)
 
 
-def compile_case(case: AOTCase, cap: int) -> StaticProfile:
-    """Compile ``case`` for sm_<cap> and measure it. Needs the interpreter off."""
+def _gate_compile(case: AOTCase, cap: int) -> Tuple[Any, Optional[Launch]]:
+    """(the CompiledKernel the gate makes of ``case`` for sm_<cap>, the recorded launch or None for a
+    hand-written signature)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    launch = None
+    if case.launch is not None:
+        launch = record_launch(case.launch, case.fn, case.targets[0])
+        if (launch.num_warps, launch.num_stages) != (case.num_warps, case.num_stages):
+            raise RuntimeError(f"the launcher launched {launch.num_warps} warps, {launch.num_stages} stages; "
+                               f"the case says {case.num_warps}, {case.num_stages}")
+        src = ASTSource(fn=case.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+    else:
+        signature = dict(case.signature)
+        for name in case.constexprs:
+            signature.setdefault(name, "constexpr")
+        src = ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs))
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    return compiled, launch
+
+
+def compile_case(case: AOTCase, cap: int) -> StaticProfile:
+    """Compile ``case`` for sm_<cap> and measure it. Needs the interpreter off."""
     prof = StaticProfile(case.name, cap, case.num_warps, case.num_stages, shared_limit=SHARED_LIMIT[cap],
                          wants_wgmma=case.wants_wgmma, targeted=cap in case.targets,
                          spill_budget=case.spill_budget)
     try:
-        if case.launch is not None:
-            launch = record_launch(case.launch, case.fn, case.targets[0])
-            if (launch.num_warps, launch.num_stages) != (case.num_warps, case.num_stages):
-                raise RuntimeError(f"the launcher launched {launch.num_warps} warps, {launch.num_stages} stages; "
-                                   f"the case says {case.num_warps}, {case.num_stages}")
-            src = ASTSource(fn=case.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
-        else:
-            signature = dict(case.signature)
-            for name in case.constexprs:
-                signature.setdefault(name, "constexpr")
-            src = ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        compiled, _ = _gate_compile(case, cap)
         ptx = compiled.asm["ptx"]
         prof.shared = int(compiled.metadata.shared)
         prof.wgmma = "wgmma.mma_async" in ptx
@@ -408,16 +416,8 @@ def compile_case(case: AOTCase, cap: int) -> StaticProfile:
 def check_against_jit(case: AOTCase, cap: int) -> Dict[str, Any]:
     """The gate's compile of ``case`` beside the JIT's own compile of the same launcher call
     (:func:`jit_compile`): their registers, spills and whether the PTX is the same text."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    launch = record_launch(case.launch, case.fn, case.targets[0])
-    gate = triton.compile(ASTSource(fn=case.fn, signature=launch.signature, constexprs=launch.constexprs,
-                                    attrs=launch.attrs),
-                          target=GPUTarget("cuda", cap, 32),
-                          options={"num_warps": case.num_warps, "num_stages": case.num_stages})
-    jit = jit_compile(case, cap)
+    gate, launch = _gate_compile(case, cap)
+    jit = jit_compile(case, cap, launch)
     return {"name": case.name, "cap": cap, "gate": _ptxas_usage(gate.asm["ptx"], cap),
             "jit": _ptxas_usage(jit.asm["ptx"], cap), "same_ptx": gate.asm["ptx"] == jit.asm["ptx"],
             "launch": {"signature": {str(k): v for k, v in launch.signature.items()},
